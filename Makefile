@@ -1,0 +1,40 @@
+# Two entry points for a fresh machine: `make test` and `make bench` (see README).
+# Each creates .venv if absent and installs what it needs into it.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The CPU build of torch when no NVIDIA driver is present, so pip never pulls a multi-GB CUDA
+# build on a CPU machine. Override TORCH_SPEC / TORCH_PIP_ARGS, e.g.
+#   make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC     ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+# Triton 3.9.0's interpreter rejects some mixed scalar/block masks; 3.8.0 runs the kernels on CPU.
+TRITON_SPEC    ?= triton==3.8.0
+PYTEST_ARGS    ?=
+
+STAMP := $(VENV)/.installed
+
+.PHONY: test bench bench-gpu demo clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PIP) install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS); \
+	else \
+		$(PIP) install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS) && $(PIP) install -q "$(TRITON_SPEC)"; \
+	fi
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m bench.run_all
+
+bench-gpu: $(STAMP)
+	$(PY) -m bench.run_all --gpu
+
+clean:
+	rm -rf $(VENV) build *.egg-info

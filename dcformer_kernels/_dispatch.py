@@ -1,0 +1,51 @@
+"""Backend selection and launch helpers shared by the fused ops."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton is absent on some platforms (macOS, Windows); the PyTorch paths still work.
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where Triton is missing
+    HAS_TRITON = False
+
+BACKENDS = ("auto", "triton", "torch")
+INT32_LIMIT = 2**31
+
+
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (tests set this)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``backend`` ("auto" | "triton" | "torch") to the path that runs on ``device``.
+
+    "auto": Triton on CUDA; on CPU the PyTorch path, unless TRITON_INTERPRET=1, when the
+    Triton kernels run through the interpreter (that is how the tests exercise them).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "auto":
+        use_triton = HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and triton_interpreting()))
+        return "triton" if use_triton else "torch"
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+        if device.type != "cuda" and not triton_interpreting():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); got device {device}"
+            )
+    return backend
+
+
+def max_offset(t: torch.Tensor) -> int:
+    """One past the largest element offset a strided view can touch."""
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())

@@ -1,0 +1,453 @@
+"""Fused decomposed depthwise 3D convolution: Triton kernels, autograd and registration.
+
+    y[n,c,o] = b[c] + sum_i wd[c,i] x[n,c, s*od+i-kd//2, s*oh, s*ow]
+                    + sum_j wh[c,j] x[n,c, s*od, s*oh+j-kh//2, s*ow]
+                    + sum_l ww[c,l] x[n,c, s*od, s*oh, s*ow+l-kw//2]
+
+(zero padding; the PyTorch form is ``reference.decomposed_conv3d_reference``).
+
+Forward: one kernel reads x once and writes y once; the three centre taps share one load.
+Backward: one kernel walks the input positions, applies the transposed stencil to the output
+gradient to write dx, and in the same pass accumulates per-program fp32 partial sums of
+x*g for every tap and of g for the bias; a deterministic ``sum`` over programs finishes
+dweight/dbias (no atomics, so two backward runs are bitwise identical). Saved for backward:
+x and the three weight vectors only.
+
+Both kernels take arbitrary strides, so NCDHW-contiguous, channels_last_3d and strided views
+run without copies of x; outputs keep x's memory format.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.utils.flop_counter
+
+from ._dispatch import HAS_TRITON, INT32_LIMIT, max_offset, next_power_of_2, resolve_backend, triton_interpreting
+from .reference import decomposed_conv3d_reference
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = ["decomposed_conv3d", "DecomposedConv3dFunction", "check_decomposed_conv3d_args", "output_size"]
+
+MAX_KERNEL_SIZE = 31
+SUPPORTED_STRIDES = (1, 2)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------------------
+def output_size(size: int, kernel_size: int, stride: int) -> int:
+    """Length of one output axis, as nn.Conv3d gives with padding kernel_size // 2."""
+    return (size + 2 * (kernel_size // 2) - kernel_size) // stride + 1
+
+
+def check_decomposed_conv3d_args(x, weight_d, weight_h, weight_w, bias, stride) -> None:
+    """Raise a TypeError/ValueError naming the argument, the expectation and what came in."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+    if x.dim() != 5:
+        raise ValueError(f"x must be 5-D (N, C, D, H, W); got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64; got {x.dtype}")
+    channels = x.shape[1]
+    if channels < 1 or min(x.shape[2:]) < 1:
+        raise ValueError(f"x must have C >= 1 and non-empty D, H, W; got shape {tuple(x.shape)}")
+    for name, w in (("weight_d", weight_d), ("weight_h", weight_h), ("weight_w", weight_w)):
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (C, k); got {type(w).__name__}")
+        if w.dim() != 2 or w.shape[0] != channels:
+            raise ValueError(f"{name} must have shape (C={channels}, k); got {tuple(w.shape)}")
+        k = w.shape[1]
+        if k < 1 or k % 2 == 0 or k > MAX_KERNEL_SIZE:
+            raise ValueError(f"{name}: kernel size must be odd and in 1..{MAX_KERNEL_SIZE}; got {k}")
+        if w.device != x.device:
+            raise ValueError(f"{name} is on {w.device} but x is on {x.device}")
+        if w.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {w.dtype} but x has dtype {x.dtype}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor of shape (C,) or None; got {type(bias).__name__}")
+        if bias.shape != (channels,):
+            raise ValueError(f"bias must have shape (C={channels},); got {tuple(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but x has dtype {x.dtype}")
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride not in SUPPORTED_STRIDES:
+        raise ValueError(f"stride must be one of {SUPPORTED_STRIDES}; got {stride!r}")
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last_3d when C is x's fastest-varying axis, else NCDHW-contiguous."""
+    if x.shape[1] > 1 and x.stride(1) < x.stride(4):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _output_shape(x, kd, kh, kw, stride):
+    n, c, d, h, w = x.shape
+    return (n, c, output_size(d, kd, stride), output_size(h, kh, stride), output_size(w, kw, stride))
+
+
+# ----------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _TileConfig:
+    block_c: int  # channels per program
+    rows_h: int  # tile rows along H
+    cols_w: int  # tile columns along W
+    d_chunk: int  # D planes walked by one program
+    num_warps: int
+
+
+def _tile_config(x: torch.Tensor, out_h: int, out_w: int, depth: int, backward: bool) -> _TileConfig:
+    """Tile shape by memory format: W-major tiles for NCDHW, C-major tiles for channels-last."""
+    channels = x.shape[1]
+    if triton_interpreting():
+        # The interpreter costs ~ms per program and per op: small tiles, and shapes in the tests
+        # are chosen so that several blocks and partial blocks occur on every axis.
+        block_c, cols_w, rows_h, d_chunk, warps = 4, 8, 4, 4, 1
+    elif _memory_format(x) == torch.channels_last_3d:
+        block_c = min(64, next_power_of_2(channels))
+        cols_w, d_chunk, warps = 4, 4, 4
+        rows_h = max(1, 1024 // (block_c * cols_w))
+    else:
+        cols_w = min(64, next_power_of_2(out_w))
+        rows_h = max(1, 256 // cols_w)
+        block_c, d_chunk, warps = 4, 4, 4
+    cols_w = min(cols_w, next_power_of_2(out_w))
+    rows_h = min(rows_h, next_power_of_2(out_h))
+    if backward:
+        # Each backward program writes BLOCK_C x KPAD fp32 partials: walk more planes per
+        # program so the partials stay a few percent of x's bytes.
+        d_chunk = d_chunk if triton_interpreting() else 16
+    return _TileConfig(block_c, rows_h, cols_w, min(d_chunk, depth), warps)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _tile_coords(pid_s, pid_c, n_db, n_hb, n_wb,
+                     BLOCK_C: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, D_CHUNK: tl.constexpr):
+        """Program -> (n, first D plane, H row vector, W column vector, channel vector)."""
+        wb = pid_s % n_wb
+        t = pid_s // n_wb
+        hb = t % n_hb
+        t = t // n_hb
+        db = t % n_db
+        n = t // n_db
+        s = tl.arange(0, RH * RW)
+        rows = hb * RH + s // RW
+        cols = wb * RW + s % RW
+        chans = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        return n, db * D_CHUNK, rows, cols, chans
+
+    @triton.jit
+    def _decomposed_conv3d_fwd_kernel(
+        x_ptr, wd_ptr, wh_ptr, ww_ptr, b_ptr, y_ptr,
+        C, D, H, W, DO, HO, WO,
+        sxn, sxc, sxd, sxh, sxw,
+        syn, syc, syd, syh, syw,
+        n_db, n_hb, n_wb,
+        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
+        BLOCK_C: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, D_CHUNK: tl.constexpr,
+    ):
+        n, d0, oh, ow, c = _tile_coords(tl.program_id(0), tl.program_id(1), n_db, n_hb, n_wb,
+                                        BLOCK_C, RH, RW, D_CHUNK)
+        c_ok = c < C
+        tile_ok = c_ok[:, None] & ((oh < HO) & (ow < WO))[None, :]
+        ih = oh * STRIDE
+        iw = ow * STRIDE
+        x_nc = x_ptr + n.to(IDX) * sxn + c.to(IDX)[:, None] * sxc
+        y_nc = y_ptr + n.to(IDX) * syn + c.to(IDX)[:, None] * syc
+        x_h = ih.to(IDX)[None, :] * sxh
+        x_w = iw.to(IDX)[None, :] * sxw
+        y_hw = oh.to(IDX)[None, :] * syh + ow.to(IDX)[None, :] * syw
+        # The three centre taps read the same element: one load, summed weight.
+        w_centre = (tl.load(wd_ptr + c * KD + KD // 2, mask=c_ok, other=0.0).to(ACC)
+                    + tl.load(wh_ptr + c * KH + KH // 2, mask=c_ok, other=0.0).to(ACC)
+                    + tl.load(ww_ptr + c * KW + KW // 2, mask=c_ok, other=0.0).to(ACC))
+        if HAS_BIAS:
+            b = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)
+        for dd in range(D_CHUNK):
+            # od as a block keeps every mask a block (the interpreter rejects some scalar/block mixes)
+            od = tl.zeros([1, RH * RW], dtype=tl.int32) + (d0 + dd)
+            ok = tile_ok & (od < DO)
+            idp = od * STRIDE
+            x_d = idp.to(IDX) * sxd
+            acc = w_centre[:, None] * tl.load(x_nc + x_d + x_h + x_w, mask=ok, other=0.0).to(ACC)
+            for i in tl.static_range(KD):
+                if i != KD // 2:
+                    d_in = idp + (i - KD // 2)
+                    m = ok & (d_in >= 0) & (d_in < D)
+                    wv = tl.load(wd_ptr + c * KD + i, mask=c_ok, other=0.0).to(ACC)
+                    xv = tl.load(x_nc + d_in.to(IDX) * sxd + x_h + x_w, mask=m, other=0.0).to(ACC)
+                    acc += wv[:, None] * xv
+            for j in tl.static_range(KH):
+                if j != KH // 2:
+                    h_in = ih + (j - KH // 2)
+                    m = ok & ((h_in >= 0) & (h_in < H))[None, :]
+                    wv = tl.load(wh_ptr + c * KH + j, mask=c_ok, other=0.0).to(ACC)
+                    xv = tl.load(x_nc + x_d + h_in.to(IDX)[None, :] * sxh + x_w, mask=m, other=0.0).to(ACC)
+                    acc += wv[:, None] * xv
+            for l in tl.static_range(KW):
+                if l != KW // 2:
+                    w_in = iw + (l - KW // 2)
+                    m = ok & ((w_in >= 0) & (w_in < W))[None, :]
+                    wv = tl.load(ww_ptr + c * KW + l, mask=c_ok, other=0.0).to(ACC)
+                    xv = tl.load(x_nc + x_d + x_h + w_in.to(IDX)[None, :] * sxw, mask=m, other=0.0).to(ACC)
+                    acc += wv[:, None] * xv
+            if HAS_BIAS:
+                acc += b[:, None]
+            tl.store(y_nc + od.to(IDX) * syd + y_hw, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _decomposed_conv3d_bwd_kernel(
+        x_ptr, g_ptr, wd_ptr, wh_ptr, ww_ptr, dx_ptr, part_ptr,
+        C, D, H, W, DO, HO, WO,
+        sxn, sxc, sxd, sxh, sxw,
+        sgn, sgc, sgd, sgh, sgw,
+        sdn, sdc, sdd, sdh, sdw,
+        n_db, n_hb, n_wb,
+        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, KPAD: tl.constexpr,
+        ACC: tl.constexpr, IDX: tl.constexpr,
+        BLOCK_C: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, D_CHUNK: tl.constexpr,
+    ):
+        # Tiles walk INPUT positions p. The output gradient reaches p through tap i of a branch
+        # from output o with s*o = p + k//2 - i on that branch's axis and s*o = p on the others.
+        pid_s = tl.program_id(0)
+        n, d0, h, w, c = _tile_coords(pid_s, tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, RH, RW, D_CHUNK)
+        c_ok = c < C
+        tile_ok = c_ok[:, None] & ((h < H) & (w < W))[None, :]
+        h_on = (h % STRIDE) == 0  # p is on the output grid along H
+        w_on = (w % STRIDE) == 0
+        hq = h // STRIDE
+        wq = w // STRIDE
+        x_nc = x_ptr + n.to(IDX) * sxn + c.to(IDX)[:, None] * sxc
+        g_nc = g_ptr + n.to(IDX) * sgn + c.to(IDX)[:, None] * sgc
+        dx_nc = dx_ptr + n.to(IDX) * sdn + c.to(IDX)[:, None] * sdc
+        x_hw = h.to(IDX)[None, :] * sxh + w.to(IDX)[None, :] * sxw
+        dx_hw = h.to(IDX)[None, :] * sdh + w.to(IDX)[None, :] * sdw
+        g_h = hq.to(IDX)[None, :] * sgh
+        g_w = wq.to(IDX)[None, :] * sgw
+        w_centre = (tl.load(wd_ptr + c * KD + KD // 2, mask=c_ok, other=0.0).to(ACC)
+                    + tl.load(wh_ptr + c * KH + KH // 2, mask=c_ok, other=0.0).to(ACC)
+                    + tl.load(ww_ptr + c * KW + KW // 2, mask=c_ok, other=0.0).to(ACC))
+        # Columns of the per-program partials: taps of D, H, W, then the bias.
+        col = tl.arange(0, KPAD)[None, :]
+        is_centre = (col == KD // 2) | (col == KD + KH // 2) | (col == KD + KH + KW // 2)
+        partial = tl.zeros([BLOCK_C, KPAD], dtype=ACC)
+        for dd in range(D_CHUNK):
+            d = tl.zeros([1, RH * RW], dtype=tl.int32) + (d0 + dd)
+            ok = tile_ok & (d < D)
+            d_on = (d % STRIDE) == 0
+            g_d = (d // STRIDE).to(IDX) * sgd
+            xv = tl.load(x_nc + d.to(IDX) * sxd + x_hw, mask=ok, other=0.0).to(ACC)
+            gv = tl.load(g_nc + g_d + g_h + g_w, mask=ok & d_on & (h_on & w_on)[None, :], other=0.0).to(ACC)
+            dx = w_centre[:, None] * gv
+            partial += tl.where(is_centre, tl.sum(xv * gv, axis=1)[:, None], 0.0)
+            partial += tl.where(col == KD + KH + KW, tl.sum(gv, axis=1)[:, None], 0.0)
+            for i in tl.static_range(KD):
+                if i != KD // 2:
+                    t = d + (KD // 2 - i)
+                    m = ok & (t >= 0) & ((t % STRIDE) == 0) & (t // STRIDE < DO) & (h_on & w_on)[None, :]
+                    gv = tl.load(g_nc + (t // STRIDE).to(IDX) * sgd + g_h + g_w, mask=m, other=0.0).to(ACC)
+                    dx += tl.load(wd_ptr + c * KD + i, mask=c_ok, other=0.0).to(ACC)[:, None] * gv
+                    partial += tl.where(col == i, tl.sum(xv * gv, axis=1)[:, None], 0.0)
+            for j in tl.static_range(KH):
+                if j != KH // 2:
+                    t = h + (KH // 2 - j)
+                    m = ok & d_on & ((t >= 0) & ((t % STRIDE) == 0) & (t // STRIDE < HO) & w_on)[None, :]
+                    gv = tl.load(g_nc + g_d + (t // STRIDE).to(IDX)[None, :] * sgh + g_w, mask=m, other=0.0).to(ACC)
+                    dx += tl.load(wh_ptr + c * KH + j, mask=c_ok, other=0.0).to(ACC)[:, None] * gv
+                    partial += tl.where(col == KD + j, tl.sum(xv * gv, axis=1)[:, None], 0.0)
+            for l in tl.static_range(KW):
+                if l != KW // 2:
+                    t = w + (KW // 2 - l)
+                    m = ok & d_on & ((t >= 0) & ((t % STRIDE) == 0) & (t // STRIDE < WO) & h_on)[None, :]
+                    gv = tl.load(g_nc + g_d + g_h + (t // STRIDE).to(IDX)[None, :] * sgw, mask=m, other=0.0).to(ACC)
+                    dx += tl.load(ww_ptr + c * KW + l, mask=c_ok, other=0.0).to(ACC)[:, None] * gv
+                    partial += tl.where(col == KD + KH + l, tl.sum(xv * gv, axis=1)[:, None], 0.0)
+            tl.store(dx_nc + d.to(IDX) * sdd + dx_hw, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+        part_offs = pid_s.to(tl.int64) * C * KPAD + c[:, None] * KPAD + col
+        tl.store(part_ptr + part_offs, partial, mask=c_ok[:, None] & (col < KD + KH + KW + 1))
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _index_dtype(*tensors: torch.Tensor):
+    return tl.int64 if max(max_offset(t) for t in tensors) >= INT32_LIMIT else tl.int32
+
+
+def _grid(n: int, depth: int, rows: int, cols: int, channels: int, cfg: _TileConfig):
+    n_db = triton.cdiv(depth, cfg.d_chunk)
+    n_hb = triton.cdiv(rows, cfg.rows_h)
+    n_wb = triton.cdiv(cols, cfg.cols_w)
+    return (n * n_db * n_hb * n_wb, triton.cdiv(channels, cfg.block_c)), (n_db, n_hb, n_wb)
+
+
+def _triton_forward(x, weight_d, weight_h, weight_w, bias, stride):
+    kd, kh, kw = weight_d.shape[1], weight_h.shape[1], weight_w.shape[1]
+    shape = _output_shape(x, kd, kh, kw, stride)
+    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    if y.numel() == 0:
+        return y
+    n, c, d, h, w = x.shape
+    _, _, do, ho, wo = shape
+    cfg = _tile_config(x, ho, wo, do, backward=False)
+    grid, (n_db, n_hb, n_wb) = _grid(n, do, ho, wo, c, cfg)
+    weights = [t.contiguous() for t in (weight_d, weight_h, weight_w)]
+    _decomposed_conv3d_fwd_kernel[grid](
+        x, *weights, bias.contiguous() if bias is not None else x, y,
+        c, d, h, w, do, ho, wo,
+        *x.stride(), *y.stride(),
+        n_db, n_hb, n_wb,
+        KD=kd, KH=kh, KW=kw, STRIDE=stride, HAS_BIAS=bias is not None,
+        ACC=_acc_dtype(x.dtype), IDX=_index_dtype(x, y),
+        BLOCK_C=cfg.block_c, RH=cfg.rows_h, RW=cfg.cols_w, D_CHUNK=cfg.d_chunk,
+        num_warps=cfg.num_warps,
+    )
+    return y
+
+
+def _triton_backward(grad, x, weight_d, weight_h, weight_w, stride):
+    kd, kh, kw = weight_d.shape[1], weight_h.shape[1], weight_w.shape[1]
+    n, c, d, h, w = x.shape
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if x.numel() == 0:
+        zeros = [torch.zeros_like(t) for t in (weight_d, weight_h, weight_w)]
+        return dx.zero_(), *zeros, torch.zeros(c, dtype=x.dtype, device=x.device)
+    _, _, do, ho, wo = grad.shape
+    cfg = _tile_config(x, h, w, d, backward=True)
+    grid, (n_db, n_hb, n_wb) = _grid(n, d, h, w, c, cfg)
+    kpad = next_power_of_2(kd + kh + kw + 1)
+    partials = torch.empty((grid[0], c, kpad), dtype=acc_dtype, device=x.device)
+    weights = [t.contiguous() for t in (weight_d, weight_h, weight_w)]
+    _decomposed_conv3d_bwd_kernel[grid](
+        x, grad, *weights, dx, partials,
+        c, d, h, w, do, ho, wo,
+        *x.stride(), *grad.stride(), *dx.stride(),
+        n_db, n_hb, n_wb,
+        KD=kd, KH=kh, KW=kw, STRIDE=stride, KPAD=kpad,
+        ACC=_acc_dtype(x.dtype), IDX=_index_dtype(x, grad, dx),
+        BLOCK_C=cfg.block_c, RH=cfg.rows_h, RW=cfg.cols_w, D_CHUNK=cfg.d_chunk,
+        num_warps=cfg.num_warps,
+    )
+    # A fixed-order reduction over programs: deterministic run to run.
+    totals = partials[:, :, : kd + kh + kw + 1].sum(dim=0).to(x.dtype)
+    dwd, dwh, dww, db = totals.split([kd, kh, kw, 1], dim=1)
+    return dx, dwd.contiguous(), dwh.contiguous(), dww.contiguous(), db.reshape(c).contiguous()
+
+
+# ----------------------------------------------------------------------------------------
+# torch.library registration: opaque to torch.compile, with fake (meta) kernels and FLOPs
+# ----------------------------------------------------------------------------------------
+@torch.library.custom_op("dcformer_kernels::decomposed_conv3d", mutates_args=())
+def _decomposed_conv3d_op(x: torch.Tensor, weight_d: torch.Tensor, weight_h: torch.Tensor,
+                          weight_w: torch.Tensor, bias: torch.Tensor | None, stride: int) -> torch.Tensor:
+    return _triton_forward(x, weight_d, weight_h, weight_w, bias, stride)
+
+
+@_decomposed_conv3d_op.register_fake
+def _(x, weight_d, weight_h, weight_w, bias, stride):
+    shape = _output_shape(x, weight_d.shape[1], weight_h.shape[1], weight_w.shape[1], stride)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+
+
+@torch.library.custom_op("dcformer_kernels::decomposed_conv3d_backward", mutates_args=())
+def _decomposed_conv3d_backward_op(
+    grad: torch.Tensor, x: torch.Tensor, weight_d: torch.Tensor, weight_h: torch.Tensor,
+    weight_w: torch.Tensor, stride: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton_backward(grad, x, weight_d, weight_h, weight_w, stride)
+
+
+@_decomposed_conv3d_backward_op.register_fake
+def _(grad, x, weight_d, weight_h, weight_w, stride):
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    return (dx, torch.empty_like(weight_d), torch.empty_like(weight_h), torch.empty_like(weight_w),
+            x.new_empty(x.shape[1]))
+
+
+def _taps(*weights) -> int:
+    return sum(w.shape[1] for w in weights)
+
+
+@torch.utils.flop_counter.register_flop_formula(torch.ops.dcformer_kernels.decomposed_conv3d)
+def _forward_flops(x_shape, wd_shape, wh_shape, ww_shape, bias_shape, stride, *args, out_shape=None, **kwargs) -> int:
+    """2 FLOPs per multiply-add: 2*(kd+kh+kw) per output element (bias adds not counted)."""
+    return 2 * (wd_shape[1] + wh_shape[1] + ww_shape[1]) * _numel(out_shape)
+
+
+@torch.utils.flop_counter.register_flop_formula(torch.ops.dcformer_kernels.decomposed_conv3d_backward)
+def _backward_flops(grad_shape, x_shape, wd_shape, wh_shape, ww_shape, stride, *args, out_shape=None, **kwargs) -> int:
+    """dx and dweight each cost one multiply-add per tap per output element, as for nn.Conv3d."""
+    return 2 * 2 * (wd_shape[1] + wh_shape[1] + ww_shape[1]) * _numel(grad_shape)
+
+
+def _numel(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+def fvcore_op_handles() -> dict:
+    """fvcore ``FlopCountAnalysis.set_op_handle`` entries; fvcore counts one per multiply-add."""
+
+    def handle(inputs, outputs):
+        taps = sum(inputs[i].type().sizes()[1] for i in (1, 2, 3))
+        return taps * _numel(outputs[0].type().sizes())
+
+    return {"dcformer_kernels::decomposed_conv3d": handle}
+
+
+# ----------------------------------------------------------------------------------------
+# Autograd and the functional form
+# ----------------------------------------------------------------------------------------
+class DecomposedConv3dFunction(torch.autograd.Function):
+    """Autograd over the registered Triton ops; saves x and the three weight vectors only."""
+
+    @staticmethod
+    def forward(ctx, x, weight_d, weight_h, weight_w, bias, stride):
+        ctx.save_for_backward(x, weight_d, weight_h, weight_w)
+        ctx.stride = stride
+        ctx.has_bias = bias is not None
+        return torch.ops.dcformer_kernels.decomposed_conv3d(x, weight_d, weight_h, weight_w, bias, stride)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight_d, weight_h, weight_w = ctx.saved_tensors
+        dx, dwd, dwh, dww, db = torch.ops.dcformer_kernels.decomposed_conv3d_backward(
+            grad, x, weight_d, weight_h, weight_w, ctx.stride)
+        return dx, dwd, dwh, dww, (db if ctx.has_bias else None), None
+
+
+def decomposed_conv3d(x: torch.Tensor, weight_d: torch.Tensor, weight_h: torch.Tensor, weight_w: torch.Tensor,
+                      bias: torch.Tensor | None = None, stride: int = 1, backend: str = "auto") -> torch.Tensor:
+    """Depthwise decomposed 3D convolution (DCFormer): three 1D depthwise convs summed.
+
+    Args:
+        x: (N, C, D, H, W), float16/bfloat16/float32/float64, NCDHW or channels_last_3d.
+        weight_d, weight_h, weight_w: (C, k) per-channel 1D kernels along D, H and W; k odd, 1..31.
+        bias: (C,) or None.
+        stride: 1 or 2, applied to all three axes of every branch (as nn.Conv3d does).
+        backend: "auto" (Triton on CUDA, PyTorch on CPU unless TRITON_INTERPRET=1),
+            "triton" or "torch".
+
+    Returns:
+        (N, C, D', H', W') with D' = (D - 1) // stride + 1 etc., in x's memory format.
+    """
+    check_decomposed_conv3d_args(x, weight_d, weight_h, weight_w, bias, stride)
+    if resolve_backend(backend, x.device) == "torch":
+        return decomposed_conv3d_reference(x, weight_d, weight_h, weight_w, bias, stride)
+    return DecomposedConv3dFunction.apply(x, weight_d, weight_h, weight_w, bias, stride)

@@ -1,0 +1,43 @@
+"""Pure-PyTorch references of the library's ops.
+
+Each function states the maths the fused kernels compute. They are the CPU path, the test
+oracle and the documentation of the kernels; they are written for clarity, not memory.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["decomposed_conv3d_reference", "branch_conv3d"]
+
+_AXIS_KERNEL_SHAPE = {
+    0: lambda k: (k, 1, 1),  # along D
+    1: lambda k: (1, k, 1),  # along H
+    2: lambda k: (1, 1, k),  # along W
+}
+
+
+def branch_conv3d(x: torch.Tensor, weight: torch.Tensor, axis: int, stride: int = 1,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One depthwise 1D branch: weight (C, k) along spatial ``axis`` (0=D, 1=H, 2=W).
+
+    Zero padding k//2 on the branch's own axis only; ``stride`` on all three axes, as
+    ``nn.Conv3d(C, C, kernel, stride, padding, groups=C)`` with the (k,1,1)-style kernel does.
+    """
+    channels, k = weight.shape
+    kernel = _AXIS_KERNEL_SHAPE[axis](k)
+    padding = tuple(k // 2 if a == axis else 0 for a in range(3))
+    return F.conv3d(x, weight.reshape(channels, 1, *kernel), bias, stride, padding, 1, channels)
+
+
+def decomposed_conv3d_reference(x: torch.Tensor, weight_d: torch.Tensor, weight_h: torch.Tensor,
+                                weight_w: torch.Tensor, bias: torch.Tensor | None = None,
+                                stride: int = 1) -> torch.Tensor:
+    """y = conv_D(x; weight_d) + conv_H(x; weight_h) + conv_W(x; weight_w) + bias.
+
+    Three depthwise 1D convolutions (one per spatial axis, zero padding k//2 on their own
+    axis, common ``stride``) summed: exactly three ``nn.Conv3d`` calls and two adds.
+    """
+    y = branch_conv3d(x, weight_d, 0, stride, bias)
+    y = y + branch_conv3d(x, weight_h, 1, stride)
+    return y + branch_conv3d(x, weight_w, 2, stride)
