@@ -169,10 +169,11 @@ if HAS_TRITON:
         x_h = ih.to(IDX)[None, :] * sxh
         x_w = iw.to(IDX)[None, :] * sxw
         y_hw = oh.to(IDX)[None, :] * syh + ow.to(IDX)[None, :] * syw
-        # The three centre taps read the same element: one load, summed weight.
-        w_centre = (tl.load(wd_ptr + c * KD + KD // 2, mask=c_ok, other=0.0).to(ACC)
-                    + tl.load(wh_ptr + c * KH + KH // 2, mask=c_ok, other=0.0).to(ACC)
-                    + tl.load(ww_ptr + c * KW + KW // 2, mask=c_ok, other=0.0).to(ACC))
+        # The three centre taps read the same element: one load. Their products are added
+        # separately (not one summed weight) so Inf/NaN propagate exactly as in the reference.
+        wd_c = tl.load(wd_ptr + c * KD + KD // 2, mask=c_ok, other=0.0).to(ACC)[:, None]
+        wh_c = tl.load(wh_ptr + c * KH + KH // 2, mask=c_ok, other=0.0).to(ACC)[:, None]
+        ww_c = tl.load(ww_ptr + c * KW + KW // 2, mask=c_ok, other=0.0).to(ACC)[:, None]
         if HAS_BIAS:
             b = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)
         for dd in range(D_CHUNK):
@@ -181,7 +182,8 @@ if HAS_TRITON:
             ok = tile_ok & (od < DO)
             idp = od * STRIDE
             x_d = idp.to(IDX) * sxd
-            acc = w_centre[:, None] * tl.load(x_nc + x_d + x_h + x_w, mask=ok, other=0.0).to(ACC)
+            xc = tl.load(x_nc + x_d + x_h + x_w, mask=ok, other=0.0).to(ACC)
+            acc = wd_c * xc + wh_c * xc + ww_c * xc
             for i in tl.static_range(KD):
                 if i != KD // 2:
                     d_in = idp + (i - KD // 2)
@@ -236,9 +238,9 @@ if HAS_TRITON:
         dx_hw = h.to(IDX)[None, :] * sdh + w.to(IDX)[None, :] * sdw
         g_h = hq.to(IDX)[None, :] * sgh
         g_w = wq.to(IDX)[None, :] * sgw
-        w_centre = (tl.load(wd_ptr + c * KD + KD // 2, mask=c_ok, other=0.0).to(ACC)
-                    + tl.load(wh_ptr + c * KH + KH // 2, mask=c_ok, other=0.0).to(ACC)
-                    + tl.load(ww_ptr + c * KW + KW // 2, mask=c_ok, other=0.0).to(ACC))
+        wd_c = tl.load(wd_ptr + c * KD + KD // 2, mask=c_ok, other=0.0).to(ACC)[:, None]
+        wh_c = tl.load(wh_ptr + c * KH + KH // 2, mask=c_ok, other=0.0).to(ACC)[:, None]
+        ww_c = tl.load(ww_ptr + c * KW + KW // 2, mask=c_ok, other=0.0).to(ACC)[:, None]
         # Columns of the per-program partials: taps of D, H, W, then the bias.
         col = tl.arange(0, KPAD)[None, :]
         is_centre = (col == KD // 2) | (col == KD + KH // 2) | (col == KD + KH + KW // 2)
@@ -250,7 +252,7 @@ if HAS_TRITON:
             g_d = (d // STRIDE).to(IDX) * sgd
             xv = tl.load(x_nc + d.to(IDX) * sxd + x_hw, mask=ok, other=0.0).to(ACC)
             gv = tl.load(g_nc + g_d + g_h + g_w, mask=ok & d_on & (h_on & w_on)[None, :], other=0.0).to(ACC)
-            dx = w_centre[:, None] * gv
+            dx = wd_c * gv + wh_c * gv + ww_c * gv
             partial += tl.where(is_centre, tl.sum(xv * gv, axis=1)[:, None], 0.0)
             partial += tl.where(col == KD + KH + KW, tl.sum(gv, axis=1)[:, None], 0.0)
             for i in tl.static_range(KD):
@@ -402,13 +404,18 @@ def _numel(shape) -> int:
 
 
 def fvcore_op_handles() -> dict:
-    """fvcore ``FlopCountAnalysis.set_op_handle`` entries; fvcore counts one per multiply-add."""
+    """fvcore ``FlopCountAnalysis.set_op_handle`` entries; fvcore counts one per multiply-add.
+
+    A JIT trace records the fused op as the autograd.Function (``prim::PythonOp.<name>``), or as
+    the registered op when the op is called directly; both are handled.
+    """
 
     def handle(inputs, outputs):
         taps = sum(inputs[i].type().sizes()[1] for i in (1, 2, 3))
         return taps * _numel(outputs[0].type().sizes())
 
-    return {"dcformer_kernels::decomposed_conv3d": handle}
+    return {"dcformer_kernels::decomposed_conv3d": handle,
+            "prim::PythonOp.DecomposedConv3dFunction": handle}
 
 
 # ----------------------------------------------------------------------------------------

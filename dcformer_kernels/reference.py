@@ -41,3 +41,27 @@ def decomposed_conv3d_reference(x: torch.Tensor, weight_d: torch.Tensor, weight_
     y = branch_conv3d(x, weight_d, 0, stride, bias)
     y = y + branch_conv3d(x, weight_h, 1, stride)
     return y + branch_conv3d(x, weight_w, 2, stride)
+
+
+# ----------------------------------------------------------------------------------------
+# SigLIP pairwise-sigmoid loss
+# ----------------------------------------------------------------------------------------
+__all__ += ["siglip_loss_reference"]
+
+
+def siglip_loss_reference(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor,
+                          logit_bias: torch.Tensor, group_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """L = -(1/B) sum_i sum_j log sigmoid(z_ij * (exp(logit_scale) * <x_i, y_j> + logit_bias)).
+
+    z_ij = +1 on positive pairs (the diagonal, or every pair with equal ``group_ids``) and -1
+    elsewhere. The sum over all B*B pairs is divided by B, as in the SigLIP paper, not by B*B.
+    Computed densely in float32 (float64 for float64 inputs): it holds several B x B matrices.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    logits = x.to(dtype) @ y.to(dtype).T * logit_scale.to(dtype).exp() + logit_bias.to(dtype)
+    if group_ids is None:
+        positive = torch.eye(x.shape[0], y.shape[0], dtype=torch.bool, device=x.device)
+    else:
+        positive = group_ids[:, None] == group_ids[None, :]
+    signs = positive.to(dtype) * 2 - 1
+    return -F.logsigmoid(signs * logits).sum() / x.shape[0]

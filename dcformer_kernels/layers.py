@@ -1,0 +1,119 @@
+"""nn.Module drop-ins over the fused ops."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .decomposed_conv import MAX_KERNEL_SIZE, SUPPORTED_STRIDES, decomposed_conv3d
+
+__all__ = ["DecomposedConv3d"]
+
+_NORMS = (None, "batch")
+
+
+def _triple(kernel_size) -> tuple[int, int, int]:
+    ks = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
+    if len(ks) != 3 or not all(isinstance(k, int) and not isinstance(k, bool) for k in ks):
+        raise ValueError(f"kernel_size must be an int or a 3-tuple of ints (kd, kh, kw); got {kernel_size!r}")
+    if any(k < 1 or k % 2 == 0 or k > MAX_KERNEL_SIZE for k in ks):
+        raise ValueError(f"kernel_size entries must be odd and in 1..{MAX_KERNEL_SIZE}; got {ks}")
+    return ks
+
+
+class DecomposedConv3d(nn.Module):
+    """A k×k×k Conv3d replaced by three parallel 1D convs along D, H and W, summed (DCFormer).
+
+    A drop-in for ``nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding=k//2,
+    groups=groups, bias=bias)`` shapes-wise.
+
+    - ``groups == in_channels == out_channels``: the fused depthwise op (one kernel each way).
+    - other ``groups``: three ``nn.Conv3d`` branches summed (correct, not fused).
+    - ``norm="batch"``: each branch has its own BatchNorm3d before the sum, as DCFormer does.
+      In eval mode the BNs and conv biases fold into the fused op's weights and one bias (a single
+      launch). In training mode each branch uses its own batch statistics: computed here by the
+      unfused form.
+
+    Parameters are stored as three ``nn.Conv3d`` (``branches.0/1/2`` along D/H/W) and, with
+    ``norm="batch"``, three ``nn.BatchNorm3d`` (``norms.0/1/2``), so state dicts map one to one
+    onto DCFormer's per-branch layout.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride: int = 1, groups: int = 1,
+                 bias: bool = True, norm: str | None = None, backend: str = "auto") -> None:
+        super().__init__()
+        kd, kh, kw = _triple(kernel_size)
+        if stride not in SUPPORTED_STRIDES:
+            raise ValueError(f"stride must be one of {SUPPORTED_STRIDES}; got {stride!r}")
+        if norm not in _NORMS:
+            raise ValueError(f"norm must be one of {_NORMS}; got {norm!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.groups = (kd, kh, kw), stride, groups
+        self.backend = backend
+        shapes = ((kd, 1, 1), (1, kh, 1), (1, 1, kw))
+        self.branches = nn.ModuleList(
+            nn.Conv3d(in_channels, out_channels, shape, stride, tuple(k // 2 for k in shape), groups=groups, bias=bias)
+            for shape in shapes
+        )
+        self.norms = nn.ModuleList(nn.BatchNorm3d(out_channels) for _ in shapes) if norm == "batch" else None
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups == self.in_channels == self.out_channels
+
+    def _norms_use_batch_stats(self) -> bool:
+        return self.norms is not None and (self.training or not all(bn.track_running_stats for bn in self.norms))
+
+    def folded_parameters(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Branch conv weights and one bias with eval-mode BN folded in (differentiable).
+
+        BN(z + c) = (γ/σ)·z + β + γ(c − μ)/σ with σ = sqrt(running_var + eps), so each branch's
+        weight scales by γ/σ and the three biases and shifts add up to a single bias.
+        """
+        weights = [conv.weight for conv in self.branches]
+        conv_biases = [conv.bias for conv in self.branches]
+        if self.norms is None:
+            bias = None if conv_biases[0] is None else conv_biases[0] + conv_biases[1] + conv_biases[2]
+            return weights, bias
+        bias = 0
+        folded = []
+        for w, c, bn in zip(weights, conv_biases, self.norms):
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else torch.rsqrt(bn.running_var + bn.eps)
+            shift = -bn.running_mean if c is None else c - bn.running_mean
+            bias = bias + scale * shift + (bn.bias if bn.affine else 0)
+            folded.append(w * scale.reshape(-1, *([1] * (w.dim() - 1))))
+        return folded, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"DecomposedConv3d expects x of shape (N, {self.in_channels}, D, H, W); got {tuple(x.shape)}")
+        if self._norms_use_batch_stats():
+            return sum(bn(conv(x)) for conv, bn in zip(self.branches, self.norms))
+        weights, bias = self.folded_parameters()
+        if self.depthwise:
+            c = self.out_channels
+            wd, wh, ww = (w.reshape(c, -1) for w in weights)
+            return decomposed_conv3d(x, wd, wh, ww, bias, self.stride, self.backend)
+        y = sum(conv._conv_forward(x, w, None) for conv, w in zip(self.branches, weights))
+        return y if bias is None else y + bias.reshape(1, -1, 1, 1, 1)
+
+    @torch.no_grad()
+    def fuse(self) -> "DecomposedConv3d":
+        """An equivalent inference module (norm=None) with eval-mode BN folded into the convs."""
+        fused = DecomposedConv3d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.groups,
+                                 bias=True, norm=None, backend=self.backend)
+        weights, bias = self.folded_parameters()
+        for conv, w in zip(fused.branches, weights):
+            conv.weight.copy_(w)
+            conv.bias.zero_()
+        if bias is not None:
+            fused.branches[0].bias.copy_(bias)
+        return fused.to(device=self.branches[0].weight.device, dtype=self.branches[0].weight.dtype).eval()
+
+    def extra_repr(self) -> str:
+        norm = "batch" if self.norms is not None else None
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"groups={self.groups}, norm={norm}, fused={self.depthwise}")
