@@ -1,10 +1,13 @@
 """Fused Triton kernels for 3D medical vision-language models.
 
 - ``decomposed_conv3d`` / ``DecomposedConv3d``: DCFormer's depthwise decomposed 3D convolution.
+- ``siglip_loss`` / ``SigLIPLoss``: fused SigLIP pairwise-sigmoid loss (single process, "gather", "ring").
 """
 from .decomposed_conv import DecomposedConv3dFunction, decomposed_conv3d, fvcore_op_handles
 from .layers import DecomposedConv3d
 from .reference import decomposed_conv3d_reference
+from .reference import siglip_loss_reference
+from .siglip import SigLIPLoss, SigLIPLossFunction, siglip_loss, siglip_loss_gather, siglip_loss_ring
 
 __all__ = [
     "decomposed_conv3d",
@@ -12,5 +15,11 @@ __all__ = [
     "DecomposedConv3dFunction",
     "decomposed_conv3d_reference",
     "fvcore_op_handles",
+    "siglip_loss",
+    "siglip_loss_gather",
+    "siglip_loss_ring",
+    "SigLIPLoss",
+    "SigLIPLossFunction",
+    "siglip_loss_reference",
 ]
 __version__ = "0.1.0"

@@ -42,8 +42,11 @@ class DecomposedConv3d(nn.Module):
                  bias: bool = True, norm: str | None = None, backend: str = "auto") -> None:
         super().__init__()
         kd, kh, kw = _triple(kernel_size)
-        if stride not in SUPPORTED_STRIDES:
-            raise ValueError(f"stride must be one of {SUPPORTED_STRIDES}; got {stride!r}")
+        depthwise = groups == in_channels == out_channels
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"stride must be a positive int; got {stride!r}")
+        if depthwise and stride not in SUPPORTED_STRIDES:
+            raise ValueError(f"stride of the fused depthwise form must be one of {SUPPORTED_STRIDES}; got {stride!r}")
         if norm not in _NORMS:
             raise ValueError(f"norm must be one of {_NORMS}; got {norm!r}")
         if in_channels % groups or out_channels % groups:

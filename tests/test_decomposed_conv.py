@@ -302,7 +302,8 @@ def test_layer_dense_groups_equals_three_conv3d(norm):
 @pytest.mark.parametrize("kwargs,pattern", [
     (dict(kernel_size=4), "kernel_size entries must be odd"),
     (dict(kernel_size=(3, 3)), "kernel_size must be an int or a 3-tuple"),
-    (dict(stride=3), "stride must be one of"),
+    (dict(stride=3, groups=4), "stride of the fused depthwise form must be one of"),
+    (dict(stride=0), "stride must be a positive int"),
     (dict(norm="layer"), "norm must be one of"),
     (dict(groups=3), "must be divisible by groups"),
 ])

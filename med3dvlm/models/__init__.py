@@ -3,3 +3,6 @@ from .registry import create_model, list_models, register_model
 from .encoder import Encoder3D
 
 __all__ = ["create_model", "list_models", "register_model", "Encoder3D"]
+from .dcformer import DCFormer, DCFormerConfig, load_official_dcformer
+
+__all__ += ["DCFormer", "DCFormerConfig", "load_official_dcformer"]

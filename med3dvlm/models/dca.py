@@ -239,8 +239,8 @@ class DualCrossAttention(nn.Module):
             raise ValueError(
                 f"token_grid {tuple(token_grid)} gives N = {n_tokens} tokens; the spatial attention "
                 f"maps take n_blocks·L·spatial_heads·N²·4 = {self.n_blocks}·{len(self.in_channels)}·"
-                f"{self.spatial_heads}·{n_tokens}²·4 bytes = {needed / 2**30:.2f} GiB per sample, "
-                f"above max_attention_bytes = {self.max_attention_bytes / 2**30:.2f} GiB. Use a "
+                f"{self.spatial_heads}·{n_tokens}²·4 = {needed:,} bytes ({needed / 2**30:.2f} GiB) per "
+                f"sample, above max_attention_bytes = {self.max_attention_bytes:,}. Use a "
                 f"coarser token_grid, or raise max_attention_bytes (None disables this check)")
 
     def check_skips(self, skips: Sequence[torch.Tensor]) -> tuple[int, ...]:

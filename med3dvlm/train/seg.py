@@ -96,10 +96,12 @@ def train(config: SegTrainConfig, log=print) -> dict:
         optimizer.step()
         schedule.step()
         if step % config.eval_every == 0 or step == config.steps:
-            metrics = {"step": step, "train_loss": float(loss), "seconds": round(time.perf_counter() - start, 1),
-                       **{f"val_{k}": v for k, v in evaluate(model, val_loader, config.num_classes).items()}}
+            metrics = {"step": step, "train_loss": loss.item(),
+                       **{f"val_{k}": v for k, v in evaluate(model, val_loader, config.num_classes).items()},
+                       "seconds": round(time.perf_counter() - start, 1)}
             history.append(metrics)
-            log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+            log("  ".join(f"{k} {v:.4f}" if k not in ("step", "seconds") else f"{k} {v}"
+                          for k, v in metrics.items()))
     result = {"history": history, "final": history[-1] if history else {}}
     if config.out is not None:
         save_checkpoint(model, config, result, config.out)

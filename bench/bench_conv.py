@@ -1,0 +1,146 @@
+"""Kernel benchmark: fused decomposed depthwise conv against PyTorch's own convolutions.
+
+GPU: DCFormer's stage shapes at batch 2 and 8, bf16 and fp32; forward, backward and both for
+  fused (Triton) | three nn.Conv3d + adds, NCDHW (a) | the same in channels_last_3d (b) |
+  one dense k^3 depthwise Conv3d (c, forward only) | torch.compile of the reference (d),
+  with torch.clone(x) as the bandwidth yardstick. GB/s counts the floor bytes (see conv_notes.md).
+CPU: the CPU path (backend="torch") against three nn.Conv3d + adds at small sizes.
+
+    python -m bench.bench_conv [--out bench/results] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dcformer_kernels import decomposed_conv3d, decomposed_conv3d_reference
+
+from .common import Row, environment, markdown_pivot, peak_memory_bytes, read_csv, time_fn, write_csv
+
+# (C, D, H, W, k): DCFormer stages at input 256x512x512 (D x H x W) after the stride-4 stem.
+GPU_SHAPES = [(96, 32, 64, 64, 13), (192, 16, 32, 32, 11), (384, 8, 16, 16, 9), (768, 4, 8, 8, 7)]
+CPU_SHAPES = [(32, 16, 16, 16, 7), (64, 8, 16, 16, 5)]
+
+
+def _three_convs(modules):
+    def run(x):
+        return modules[0](x) + modules[1](x) + modules[2](x)
+    return run
+
+
+def _variants(c, k, dtype, device, gpu):
+    """name -> (forward callable taking x, input memory format, has backward)."""
+    wd, wh, ww = (torch.randn(c, k, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    bias = torch.randn(c, device=device, dtype=dtype, requires_grad=True)
+    convs = []
+    for shape in ((k, 1, 1), (1, k, 1), (1, 1, k)):
+        conv = torch.nn.Conv3d(c, c, shape, padding=tuple(s // 2 for s in shape), groups=c).to(device, dtype)
+        convs.append(conv)
+    variants = {
+        "three_conv3d_ncdhw": (_three_convs(convs), torch.contiguous_format, True),
+        "three_conv3d_cl": (_three_convs(convs), torch.channels_last_3d, True),
+    }
+    if gpu:
+        variants = {
+            "fused_ncdhw": (lambda x: decomposed_conv3d(x, wd, wh, ww, bias), torch.contiguous_format, True),
+            "fused_cl": (lambda x: decomposed_conv3d(x, wd, wh, ww, bias), torch.channels_last_3d, True),
+            **variants,
+        }
+        dense = torch.randn(c, 1, k, k, k, device=device, dtype=dtype)
+        variants["dense_k3_depthwise"] = (lambda x: F.conv3d(x, dense, None, 1, k // 2, 1, c),
+                                          torch.contiguous_format, False)
+        compiled = torch.compile(decomposed_conv3d_reference)
+        variants["compiled_reference"] = (lambda x: compiled(x, wd, wh, ww, bias), torch.contiguous_format, True)
+    else:
+        variants = {"cpu_path": (lambda x: decomposed_conv3d(x, wd, wh, ww, bias, backend="torch"),
+                                 torch.contiguous_format, True), **variants}
+    return variants
+
+
+def run(out_dir: Path, quick: bool = False) -> Path:
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    env = environment()
+    shapes = GPU_SHAPES if gpu else CPU_SHAPES
+    batches = (2,) if quick or not gpu else (2, 8)
+    dtypes = (torch.bfloat16, torch.float32) if gpu else (torch.float32,)
+    rows: list[Row] = []
+    for c, d, h, w, k in shapes:
+        for batch in batches:
+            for dtype in dtypes:
+                name = f"{batch}x{c}x{d}x{h}x{w} k={k}"
+                dt = str(dtype).replace("torch.", "")
+                elt = torch.finfo(dtype).bits // 8
+                numel = batch * c * d * h * w
+                x0 = torch.randn(batch, c, d, h, w, device=device, dtype=dtype)
+                copy = time_fn(lambda: torch.clone(x0))
+                copy_gbs = 2 * numel * elt / copy.median_ms / 1e6
+                rows.append(Row("decomposed_conv3d", "clone", name, dt, "torch", "GB/s", round(copy_gbs, 1), "GB/s",
+                                env=env))
+                best_unfused, fused_best = None, None
+                for variant, (fn, fmt, has_bwd) in _variants(c, k, dtype, device, gpu).items():
+                    if variant == "compiled_reference" and (batch != 2 or dtype != torch.bfloat16):
+                        continue  # one compile per shape keeps the run short
+                    if variant == "dense_k3_depthwise" and batch != 2:
+                        continue
+                    x = x0.contiguous(memory_format=fmt).requires_grad_(has_bwd)
+                    try:
+                        y = fn(x)
+                        g = torch.randn_like(y)
+                        modes = {"forward": (lambda: fn(x), 2)}
+                        if has_bwd:
+                            modes["backward"] = (lambda: torch.autograd.grad(y, x, g, retain_graph=True), 3)
+                            modes["forward+backward"] = (lambda: torch.autograd.grad(fn(x), x, g), 5)
+                        for mode, (call, tensors) in modes.items():
+                            t = time_fn(call)
+                            gbs = tensors * numel * elt / t.median_ms / 1e6
+                            common = dict(model="decomposed_conv3d", variant=variant, input=name, dtype=dt, env=env)
+                            rows.append(Row(backend=mode, metric="time", value=round(t.median_ms, 4), unit="ms",
+                                            p20=round(t.p20_ms, 4), p80=round(t.p80_ms, 4), **common))
+                            rows.append(Row(backend=mode, metric="GB/s", value=round(gbs, 1), unit="GB/s", **common))
+                            rows.append(Row(backend=mode, metric="%copy", value=round(100 * gbs / copy_gbs, 1),
+                                            unit="%", **common))
+                            if mode == "forward+backward":
+                                if variant.startswith("three_conv3d"):
+                                    best_unfused = min(best_unfused or t.median_ms, t.median_ms)
+                                if variant.startswith(("fused", "cpu_path")):
+                                    fused_best = min(fused_best or t.median_ms, t.median_ms)
+                        mem = peak_memory_bytes(lambda: torch.autograd.grad(fn(x), x, g)) if has_bwd else None
+                        if mem is not None:
+                            rows.append(Row("decomposed_conv3d", variant, name, dt, "forward+backward",
+                                            "peak_memory", round(mem / 2**20, 1), "MiB", env=env))
+                        del y, g
+                    except torch.OutOfMemoryError:
+                        rows.append(Row("decomposed_conv3d", variant, name, dt, "forward", "time", "OOM", "", env=env))
+                        torch.cuda.empty_cache()
+                if best_unfused and fused_best:
+                    rows.append(Row("decomposed_conv3d", "fused vs best of three_conv3d", name, dt,
+                                    "forward+backward", "speedup", round(best_unfused / fused_best, 2), "x", env=env))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "conv_gpu" if gpu else "conv_cpu"
+    csv_path = write_csv(rows, out_dir / f"{stem}.csv")
+    table = read_csv(csv_path)
+    md = [markdown_pivot([r for r in table if r["metric"] == "time"], ["input", "dtype", "backend"], "variant",
+                         "Decomposed depthwise conv: median time (ms)"),
+          markdown_pivot([r for r in table if r["metric"] in ("%copy",) and r["backend"] == "forward"],
+                         ["input", "dtype"], "variant", "Forward bandwidth, % of measured torch.clone bandwidth"),
+          markdown_pivot([r for r in table if r["metric"] == "speedup"], ["input", "dtype"], "variant",
+                         "Forward+backward speed-up of the fused op")]
+    (out_dir / f"{stem}.md").write_text("\n".join(md))
+    print("\n".join(md))
+    return csv_path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--quick", action="store_true", help="batch 2 only")
+    args = parser.parse_args(argv)
+    run(args.out, args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Shared benchmark plumbing: timing, environment record, long-format CSV and Markdown."""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+CSV_FIELDS = ["model", "variant", "input", "dtype", "backend", "metric", "value", "unit", "p20", "p80",
+              "device", "torch", "triton", "cuda", "date"]
+
+
+def environment() -> dict:
+    """Device name and library versions stamped on every row."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} logical cores, " \
+                 f"{torch.get_num_threads()} torch threads)"
+    return {"device": device, "torch": torch.__version__, "triton": triton_version,
+            "cuda": torch.version.cuda or "none", "date": _dt.date.today().isoformat()}
+
+
+@dataclass
+class Row:
+    model: str
+    variant: str
+    input: str
+    dtype: str
+    backend: str
+    metric: str
+    value: float | str
+    unit: str
+    p20: float | str = ""
+    p80: float | str = ""
+    env: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        env = d.pop("env")
+        return {**d, **env}
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+
+
+def time_fn(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> Timing:
+    """Median (p20, p80) wall time of ``fn`` in ms: CUDA events via do_bench on GPU, perf_counter on CPU."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        p20, med, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
+        return Timing(med, p20, p80)
+    fn()  # warm-up
+    samples = []
+    deadline = time.perf_counter() + rep_ms / 1e3
+    while len(samples) < 3 or (time.perf_counter() < deadline and len(samples) < 50):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    q = statistics.quantiles(samples, n=5) if len(samples) >= 5 else [min(samples)] * 4
+    return Timing(statistics.median(samples), q[0], q[3])
+
+
+def peak_memory_bytes(fn: Callable[[], object]) -> int | None:
+    """Peak CUDA memory allocated while ``fn`` runs, above what was allocated before; None on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def write_csv(rows: Iterable[Row], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row.as_dict())
+    return path
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _fmt(value: str) -> str:
+    try:
+        v = float(value)
+    except ValueError:
+        return value
+    if v == int(v) and abs(v) < 1e15:
+        return f"{int(v):,}"
+    return f"{v:.4g}"
+
+
+def markdown_pivot(rows: list[dict], index: list[str], column: str, title: str) -> str:
+    """A Markdown table from long-format rows: one line per ``index`` tuple, one column per ``column`` value."""
+    columns = list(dict.fromkeys(r[column] for r in rows))
+    table: dict[tuple, dict] = {}
+    for r in rows:
+        cell = _fmt(r["value"]) + (f" {r['unit']}" if r["unit"] not in ("", "x") else ("x" if r["unit"] == "x" else ""))
+        table.setdefault(tuple(r[k] for k in index), {})[r[column]] = cell
+    env = rows[0] if rows else {}
+    lines = [f"### {title}", "",
+             f"Device: {env.get('device', '?')}; torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, "
+             f"CUDA {env.get('cuda', '?')}; {env.get('date', '?')}", "",
+             "| " + " | ".join(index + columns) + " |", "|" + "---|" * (len(index) + len(columns))]
+    for key, cells in table.items():
+        lines.append("| " + " | ".join(list(key) + [cells.get(c, "") for c in columns]) + " |")
+    return "\n".join(lines) + "\n"

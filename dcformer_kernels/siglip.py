@@ -1,0 +1,682 @@
+"""Fused SigLIP pairwise-sigmoid loss: Triton kernels, chunked PyTorch path, autograd, registration.
+
+    S_ij = exp(t') <x_i, y_j> + b,    L = -(1/B) sum_i sum_j log sigmoid(z_ij S_ij)
+
+z_ij = +1 on positive pairs (i == j, or equal group ids), -1 elsewhere; the 1/B is the paper's
+(a sum over B*B pairs divided by B). The dense form is ``reference.siglip_loss_reference``.
+
+Forward: each program walks one block of rows against a range of column blocks, builds S tile
+by tile with ``tl.dot`` and writes one partial sum of log(1 + exp(-z S)); a fixed-order
+``sum`` over the partials gives the loss. Backward recomputes the tiles, flash-attention style,
+with G = dL/dS = -z sigmoid(-z S) / B: a row pass writes dX = t G Y (and per-program partial
+sums for dt' = sum G (S - b) and db = sum G), a column pass - the same kernel with the roles of
+X and Y swapped, since z is symmetric - writes dY = t G^T X. Every output element has exactly
+one writer and every reduction has a fixed order: no atomics, bitwise-identical reruns.
+Saved for backward: x, y, t', b (and the group ids); nothing of size B x B is ever stored.
+
+The same block functions (rows of X against columns of Y, with global row/column offsets that
+say where the diagonal lies) serve the single-process loss and the two multi-process modes,
+"gather" and "ring", at the end of this file.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torch.utils.flop_counter
+from torch import nn
+
+from ._dispatch import HAS_TRITON, INT32_LIMIT, max_offset, next_power_of_2, resolve_backend, triton_interpreting
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = [
+    "siglip_loss",
+    "siglip_loss_gather",
+    "siglip_loss_ring",
+    "SigLIPLoss",
+    "SigLIPLossFunction",
+    "check_siglip_args",
+]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_GROUP_DTYPES = (torch.int32, torch.int64)
+DIST_IMPLS = (None, "gather", "ring")
+# Row chunk of the PyTorch path: about this many logits (16 MiB in fp32) live at a time.
+TORCH_CHUNK_ELEMENTS = 1 << 22
+
+
+# ----------------------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------------------
+def check_siglip_args(x, y, logit_scale, logit_bias, group_ids=None) -> None:
+    """Raise a TypeError/ValueError naming the argument, the expectation and what came in."""
+    for name, emb in (("x", x), ("y", y)):
+        if not isinstance(emb, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (B, d); got {type(emb).__name__}")
+        if emb.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (B, d); got shape {tuple(emb.shape)}")
+        if emb.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {emb.dtype}")
+    batch, dim = x.shape
+    if batch < 1:
+        raise ValueError(f"x must have at least one row, shape (B >= 1, d); got shape {tuple(x.shape)}")
+    if y.shape != x.shape:
+        raise ValueError(f"y must have the shape of x, (B={batch}, d={dim}); got {tuple(y.shape)}")
+    if y.dtype != x.dtype:
+        raise TypeError(f"y has dtype {y.dtype} but x has dtype {x.dtype}")
+    if y.device != x.device:
+        raise ValueError(f"y is on {y.device} but x is on {x.device}")
+    for name, p in (("logit_scale", logit_scale), ("logit_bias", logit_bias)):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{name} must be a 0-dim floating-point tensor (shape ()); got {type(p).__name__}")
+        if p.dim() != 0:
+            raise ValueError(f"{name} must be a 0-dim tensor (shape ()); got shape {tuple(p.shape)}")
+        if not p.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor; got {p.dtype}")
+        if p.device != x.device:
+            raise ValueError(f"{name} is on {p.device} but x is on {x.device}")
+    if group_ids is not None:
+        if not isinstance(group_ids, torch.Tensor):
+            raise TypeError(f"group_ids must be a torch.Tensor of shape (B={batch},) or None; "
+                            f"got {type(group_ids).__name__}")
+        if group_ids.shape != (batch,):
+            raise ValueError(f"group_ids must have shape (B={batch},); got {tuple(group_ids.shape)}")
+        if group_ids.dtype not in _GROUP_DTYPES:
+            raise TypeError(f"group_ids must be int32 or int64; got {group_ids.dtype}")
+        if group_ids.device != x.device:
+            raise ValueError(f"group_ids is on {group_ids.device} but x is on {x.device}")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 accumulation for half inputs, float64 for float64: the dtype of the loss."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _TileConfig:
+    block_rows: int  # rows of X per program
+    block_cols: int  # columns (rows of Y) per tile
+    block_d: int  # features per tl.dot step
+    block_out: int  # backward: gradient features one program owns (acc stays in registers)
+    splits: int  # forward: column ranges per row block, for enough programs when B is small
+    num_warps: int
+    num_stages: int
+
+
+def _tile_config(n_rows: int, n_cols: int, dim: int, dtype: torch.dtype, device: torch.device,
+                 backward: bool) -> _TileConfig:
+    if triton_interpreting():
+        # The interpreter costs ~ms per program and per op: small tiles, and few programs. The
+        # tests pick B and d so that partial row, column, feature and output blocks all occur.
+        rows, cols, feats, outs, warps, stages, programs = 32, 32, 16, 32, 1, 1, 8
+    else:
+        programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        if dtype in (torch.float16, torch.bfloat16):
+            rows, cols, feats, outs, warps, stages = (64, 64, 64, 256, 8, 2) if backward else (128, 128, 64, 0, 8, 3)
+        elif dtype == torch.float32:
+            rows, cols, feats, outs, warps, stages = 64, 64, 32, 128, 4, 2
+        else:
+            rows, cols, feats, outs, warps, stages = 32, 32, 16, 64, 4, 1
+    feats = min(feats, max(16, next_power_of_2(dim)))
+    outs = min(outs, max(16, next_power_of_2(dim)))
+    splits = 1
+    if not backward:
+        row_blocks, col_blocks = triton.cdiv(n_rows, rows), triton.cdiv(n_cols, cols)
+        splits = max(1, min(col_blocks, triton.cdiv(programs, row_blocks)))
+    return _TileConfig(rows, cols, feats, outs, splits, warps, stages)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """IEEE fp32 products unless the caller allowed TF32 (torch.backends.cuda.matmul.allow_tf32)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"  # half inputs: ignored
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _pair_dots(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, sa0, sa1, sb0, sb1,
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PREC: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr):
+        """<a_i, b_j> for one BLOCK_R x BLOCK_C tile, BLOCK_D features per tl.dot."""
+        feats = tl.arange(0, BLOCK_D)
+        a_rows = a_ptr + rows.to(IDX)[:, None] * sa0
+        b_cols = b_ptr + cols.to(IDX)[None, :] * sb0
+        dots = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
+        for k0 in range(0, D, BLOCK_D):
+            k = k0 + feats
+            k_ok = k < D
+            a = tl.load(a_rows + k.to(IDX)[None, :] * sa1, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b_t = tl.load(b_cols + k.to(IDX)[:, None] * sb1, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            dots = tl.dot(a, b_t, dots, input_precision=PREC, out_dtype=ACC)
+        return dots
+
+    @triton.jit
+    def _positive_pairs(rows, cols, col_ok, row_start, col_start, row_group, col_group_ptr,
+                        HAS_GROUPS: tl.constexpr):
+        """z_ij = +1: equal group ids, or the same global index (the diagonal)."""
+        if HAS_GROUPS:
+            col_group = tl.load(col_group_ptr + cols, mask=col_ok, other=0)
+            positive = row_group[:, None] == col_group[None, :]
+        else:
+            positive = (rows + row_start)[:, None] == (cols + col_start)[None, :]
+        return positive
+
+    @triton.jit
+    def _softplus(u):
+        """log(1 + exp(u)); log1p by Goldberg's trick, so exp(-|u|) below eps is not rounded away."""
+        e = tl.exp(-tl.abs(u))
+        one_plus = 1.0 + e
+        exact = one_plus == 1.0
+        log1p = tl.where(exact, e, tl.log(one_plus) * (e / tl.where(exact, 1.0, one_plus - 1.0)))
+        return tl.where(u > 0, u, 0.0) + log1p  # NaN in u stays NaN through log1p
+
+    @triton.jit
+    def _sigmoid(u):
+        e = tl.exp(-tl.abs(u))
+        return tl.where(u >= 0, 1.0, e) / (1.0 + e)
+
+    @triton.jit
+    def _siglip_fwd_kernel(
+        x_ptr, y_ptr, scale_ptr, bias_ptr, gx_ptr, gy_ptr, part_ptr,
+        NX, NY, D, sx0, sx1, sy0, sy1, row_start, col_start, col_blocks_per_split,
+        HAS_GROUPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        PREC: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
+    ):
+        pid_r = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < NX
+        t = tl.exp(tl.load(scale_ptr).to(ACC))
+        b = tl.load(bias_ptr).to(ACC)
+        row_group = rows
+        if HAS_GROUPS:
+            row_group = tl.load(gx_ptr + rows, mask=row_ok, other=0)
+        row_loss = tl.zeros([BLOCK_R], dtype=ACC)
+        first = pid_s * col_blocks_per_split
+        last = tl.minimum(first + col_blocks_per_split, tl.cdiv(NY, BLOCK_C))
+        for cb in range(first, last):
+            cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+            col_ok = cols < NY
+            logits = t * _pair_dots(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D, sx0, sx1, sy0, sy1,
+                                    BLOCK_R, BLOCK_C, BLOCK_D, PREC, ACC, IDX) + b
+            positive = _positive_pairs(rows, cols, col_ok, row_start, col_start, row_group, gy_ptr, HAS_GROUPS)
+            pair_loss = _softplus(tl.where(positive, -logits, logits))  # -log sigmoid(z S)
+            row_loss += tl.sum(tl.where(row_ok[:, None] & col_ok[None, :], pair_loss, 0.0), axis=1)
+        tl.store(part_ptr + pid_r * tl.num_programs(1) + pid_s, tl.sum(row_loss, axis=0))
+
+    @triton.jit
+    def _siglip_grad_kernel(
+        a_ptr, b_ptr, scale_ptr, bias_ptr, gscale_ptr, ga_ptr, gb_ptr, da_ptr, part_ptr,
+        NA, NB, D, sa0, sa1, sb0, sb1, sd0, sd1, a_start, b_start,
+        HAS_GROUPS: tl.constexpr, PARAM_GRADS: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr,
+        PREC: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
+    ):
+        # dA[rows, outs] = t * gscale * sum_j dlogit[rows, j] * B[j, outs], dlogit = -z sigmoid(-z S):
+        # the row pass (A = X) or the column pass (A = Y) of the backward.
+        pid_r = tl.program_id(0)
+        pid_o = tl.program_id(1)
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < NA
+        outs = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+        out_ok = outs < D
+        t = tl.exp(tl.load(scale_ptr).to(ACC))
+        b = tl.load(bias_ptr).to(ACC)
+        g_scale = tl.load(gscale_ptr).to(ACC)  # upstream gradient times the 1/B normalisation
+        row_group = rows
+        if HAS_GROUPS:
+            row_group = tl.load(ga_ptr + rows, mask=row_ok, other=0)
+        da = tl.zeros([BLOCK_R, BLOCK_O], dtype=ACC)
+        sum_g_dots = tl.zeros([BLOCK_R], dtype=ACC)
+        sum_g = tl.zeros([BLOCK_R], dtype=ACC)
+        b_outs = b_ptr + outs.to(IDX)[None, :] * sb1
+        for cb in range(0, tl.cdiv(NB, BLOCK_C)):
+            cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+            col_ok = cols < NB
+            dots = _pair_dots(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, sa0, sa1, sb0, sb1,
+                              BLOCK_R, BLOCK_C, BLOCK_D, PREC, ACC, IDX)
+            logits = t * dots + b
+            positive = _positive_pairs(rows, cols, col_ok, a_start, b_start, row_group, gb_ptr, HAS_GROUPS)
+            sig = _sigmoid(tl.where(positive, -logits, logits))
+            # The 1/B stays out of the tile so that fp16 tiles do not underflow; applied below.
+            dlogit = tl.where(row_ok[:, None] & col_ok[None, :], tl.where(positive, -sig, sig), 0.0)
+            if PARAM_GRADS:
+                sum_g_dots += tl.sum(dlogit * dots, axis=1)
+                sum_g += tl.sum(dlogit, axis=1)
+            b_tile = tl.load(b_outs + cols.to(IDX)[:, None] * sb0, mask=col_ok[:, None] & out_ok[None, :], other=0.0)
+            da = tl.dot(dlogit.to(b_tile.dtype), b_tile, da, input_precision=PREC, out_dtype=ACC)
+        da = da * (t * g_scale)
+        tl.store(da_ptr + rows.to(IDX)[:, None] * sd0 + outs.to(IDX)[None, :] * sd1, da,
+                 mask=row_ok[:, None] & out_ok[None, :])
+        if PARAM_GRADS:
+            if pid_o == 0:
+                tl.store(part_ptr + 2 * pid_r, tl.sum(sum_g_dots, axis=0) * (t * g_scale))  # dt'
+                tl.store(part_ptr + 2 * pid_r + 1, tl.sum(sum_g, axis=0) * g_scale)  # db
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _index_dtype(*tensors: torch.Tensor):
+    return tl.int64 if max(max_offset(t) for t in tensors) >= INT32_LIMIT else tl.int32
+
+
+def _triton_block_forward(x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start, loss_scale):
+    n_rows, dim = x.shape
+    n_cols = y.shape[0]
+    cfg = _tile_config(n_rows, n_cols, dim, x.dtype, x.device, backward=False)
+    row_blocks = triton.cdiv(n_rows, cfg.block_rows)
+    per_split = triton.cdiv(triton.cdiv(n_cols, cfg.block_cols), cfg.splits)
+    splits = triton.cdiv(triton.cdiv(n_cols, cfg.block_cols), per_split)
+    partials = torch.empty((row_blocks, splits), dtype=_compute_dtype(x.dtype), device=x.device)
+    has_groups = row_groups is not None
+    _siglip_fwd_kernel[(row_blocks, splits)](
+        x, y, logit_scale, logit_bias, row_groups if has_groups else x, col_groups if has_groups else y, partials,
+        n_rows, n_cols, dim, *x.stride(), *y.stride(), row_start, col_start, per_split,
+        HAS_GROUPS=has_groups, BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, BLOCK_D=cfg.block_d,
+        PREC=_dot_precision(x.dtype), ACC=_acc_dtype(x.dtype), IDX=_index_dtype(x, y),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    # A fixed-order reduction over programs: deterministic run to run.
+    return partials.sum() * loss_scale
+
+
+def _launch_grad_pass(a, b, logit_scale, logit_bias, g_scale, a_groups, b_groups, a_start, b_start, param_grads):
+    """dA (float32/float64) and, when param_grads, the per-program (dt', db) partials."""
+    n_a, dim = a.shape
+    cfg = _tile_config(n_a, b.shape[0], dim, a.dtype, a.device, backward=True)
+    grid = (triton.cdiv(n_a, cfg.block_rows), triton.cdiv(dim, cfg.block_out))
+    da = torch.empty(a.shape, dtype=_compute_dtype(a.dtype), device=a.device)
+    partials = torch.empty((grid[0], 2) if param_grads else (1, 2), dtype=da.dtype, device=a.device)
+    has_groups = a_groups is not None
+    _siglip_grad_kernel[grid](
+        a, b, logit_scale, logit_bias, g_scale, a_groups if has_groups else a, b_groups if has_groups else b,
+        da, partials, n_a, b.shape[0], dim, *a.stride(), *b.stride(), *da.stride(), a_start, b_start,
+        HAS_GROUPS=has_groups, PARAM_GRADS=param_grads,
+        BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, BLOCK_D=cfg.block_d, BLOCK_O=cfg.block_out,
+        PREC=_dot_precision(a.dtype), ACC=_acc_dtype(a.dtype), IDX=_index_dtype(a, b, da),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return da, partials
+
+
+def _triton_block_backward(grad, x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start,
+                           loss_scale):
+    g_scale = (grad * loss_scale).to(_compute_dtype(x.dtype)).contiguous()
+    dx, partials = _launch_grad_pass(x, y, logit_scale, logit_bias, g_scale, row_groups, col_groups,
+                                     row_start, col_start, param_grads=True)
+    dy, _ = _launch_grad_pass(y, x, logit_scale, logit_bias, g_scale, col_groups, row_groups,
+                              col_start, row_start, param_grads=False)
+    d_scale = partials[:, 0].sum().to(logit_scale.dtype)
+    d_bias = partials[:, 1].sum().to(logit_bias.dtype)
+    return dx, dy, d_scale, d_bias
+
+
+# ----------------------------------------------------------------------------------------
+# PyTorch path: row chunks, O(chunk * B) memory in forward and backward
+# ----------------------------------------------------------------------------------------
+def _torch_chunks(n_rows: int, n_cols: int):
+    step = max(1, min(n_rows, TORCH_CHUNK_ELEMENTS // max(1, n_cols)))
+    return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
+def _torch_positive_pairs(start, stop, n_cols, row_groups, col_groups, row_start, col_start, device):
+    if row_groups is not None:
+        return row_groups[start:stop, None] == col_groups[None, :]
+    rows = torch.arange(start + row_start, stop + row_start, device=device)
+    return rows[:, None] == torch.arange(col_start, col_start + n_cols, device=device)[None, :]
+
+
+def _torch_block_forward(x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start, loss_scale):
+    dtype = _compute_dtype(x.dtype)
+    t, b = logit_scale.to(dtype).exp(), logit_bias.to(dtype)
+    y_c = y.to(dtype)
+    total = torch.zeros((), dtype=dtype, device=x.device)
+    for start, stop in _torch_chunks(x.shape[0], y.shape[0]):
+        logits = x[start:stop].to(dtype) @ y_c.T * t + b
+        positive = _torch_positive_pairs(start, stop, y.shape[0], row_groups, col_groups, row_start, col_start,
+                                         x.device)
+        total = total - F.logsigmoid(torch.where(positive, logits, -logits)).sum()
+    return total * loss_scale
+
+
+def _torch_block_backward(grad, x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start,
+                          loss_scale):
+    dtype = _compute_dtype(x.dtype)
+    t, b = logit_scale.to(dtype).exp(), logit_bias.to(dtype)
+    g_scale = grad.to(dtype) * loss_scale
+    y_c = y.to(dtype)
+    dx = torch.empty(x.shape, dtype=dtype, device=x.device)
+    dy = torch.zeros(y.shape, dtype=dtype, device=x.device)
+    sum_g_dots = torch.zeros((), dtype=dtype, device=x.device)
+    sum_g = torch.zeros((), dtype=dtype, device=x.device)
+    for start, stop in _torch_chunks(x.shape[0], y.shape[0]):
+        x_c = x[start:stop].to(dtype)
+        dots = x_c @ y_c.T
+        logits = dots * t + b
+        positive = _torch_positive_pairs(start, stop, y.shape[0], row_groups, col_groups, row_start, col_start,
+                                         x.device)
+        sig = torch.sigmoid(torch.where(positive, -logits, logits))
+        dlogit = torch.where(positive, -sig, sig) * g_scale
+        dx[start:stop] = dlogit @ y_c * t
+        dy.addmm_(dlogit.T, x_c)
+        sum_g_dots += (dlogit * dots).sum()
+        sum_g += dlogit.sum()
+    return dx, dy * t, (sum_g_dots * t).to(logit_scale.dtype), sum_g.to(logit_bias.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# torch.library registration: opaque to torch.compile, with fake (meta) kernels and FLOPs
+# ----------------------------------------------------------------------------------------
+@torch.library.custom_op("dcformer_kernels::siglip_loss", mutates_args=())
+def _siglip_loss_op(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
+                    row_groups: torch.Tensor | None, col_groups: torch.Tensor | None,
+                    row_start: int, col_start: int, loss_scale: float) -> torch.Tensor:
+    return _triton_block_forward(x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start,
+                                 loss_scale)
+
+
+@_siglip_loss_op.register_fake
+def _(x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start, loss_scale):
+    return x.new_empty((), dtype=_compute_dtype(x.dtype))
+
+
+@torch.library.custom_op("dcformer_kernels::siglip_loss_backward", mutates_args=())
+def _siglip_loss_backward_op(
+    grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
+    row_groups: torch.Tensor | None, col_groups: torch.Tensor | None, row_start: int, col_start: int,
+    loss_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton_block_backward(grad, x, y, logit_scale, logit_bias, row_groups, col_groups, row_start,
+                                  col_start, loss_scale)
+
+
+@_siglip_loss_backward_op.register_fake
+def _(grad, x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start, loss_scale):
+    dtype = _compute_dtype(x.dtype)
+    return (x.new_empty(x.shape, dtype=dtype), y.new_empty(y.shape, dtype=dtype),
+            torch.empty_like(logit_scale), torch.empty_like(logit_bias))
+
+
+@torch.utils.flop_counter.register_flop_formula(torch.ops.dcformer_kernels.siglip_loss)
+def _forward_flops(x_shape, y_shape, *args, out_shape=None, **kwargs) -> int:
+    """2*B_x*B_y*d: the X Y^T products (the exp/log per pair is not counted)."""
+    return 2 * x_shape[0] * y_shape[0] * x_shape[1]
+
+
+@torch.utils.flop_counter.register_flop_formula(torch.ops.dcformer_kernels.siglip_loss_backward)
+def _backward_flops(grad_shape, x_shape, y_shape, *args, out_shape=None, **kwargs) -> int:
+    """4*B_x*B_y*d: dX = t G Y and dY = t G^T X, as for a matmul's backward. The kernels also
+    recompute S (2*B_x*B_y*d per pass and per output-feature block), which is not model work."""
+    return 4 * x_shape[0] * y_shape[0] * x_shape[1]
+
+
+# ----------------------------------------------------------------------------------------
+# Autograd and the functional form
+# ----------------------------------------------------------------------------------------
+def _block_forward(backend: str, *args) -> torch.Tensor:
+    """loss_scale * sum over the block's pairs of -log sigmoid(z S) (0-dim, float32/float64)."""
+    if backend == "triton":
+        return torch.ops.dcformer_kernels.siglip_loss(*args)
+    return _torch_block_forward(*args)
+
+
+def _block_backward(backend: str, grad, *args):
+    """(dx, dy) in float32/float64 and (d logit_scale, d logit_bias) for one block."""
+    if backend == "triton":
+        return torch.ops.dcformer_kernels.siglip_loss_backward(grad, *args)
+    return _torch_block_backward(grad, *args)
+
+
+class SigLIPLossFunction(torch.autograd.Function):
+    """Autograd over one block of pairs: rows of x against rows of y.
+
+    Positives are pairs with equal group ids, or (without group ids) with equal global index
+    row_start + i == col_start + j. Saves x, y, the two scalars and the group ids only.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start, loss_scale,
+                backend):
+        ctx.save_for_backward(x, y, logit_scale, logit_bias, row_groups, col_groups)
+        ctx.pairs = (row_start, col_start, loss_scale)
+        ctx.backend = backend
+        return _block_forward(backend, x, y, logit_scale, logit_bias, row_groups, col_groups,
+                              row_start, col_start, loss_scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, logit_scale, logit_bias, row_groups, col_groups = ctx.saved_tensors
+        dx, dy, d_scale, d_bias = _block_backward(ctx.backend, grad, x, y, logit_scale, logit_bias,
+                                                  row_groups, col_groups, *ctx.pairs)
+        return dx.to(x.dtype), dy.to(y.dtype), d_scale, d_bias, None, None, None, None, None, None
+
+
+def siglip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
+                group_ids: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """SigLIP pairwise-sigmoid loss, fused: no B x B matrix is materialised.
+
+        L = -(1/B) sum_i sum_j log sigmoid(z_ij * (exp(logit_scale) * <x_i, y_j> + logit_bias))
+
+    The sum over all B*B pairs is divided by B (the paper's normalisation), not by B*B.
+
+    Args:
+        x, y: (B, d) image and text embeddings, same dtype (float16/bfloat16/float32/float64);
+            used as given (normalise them beforehand if the model calls for it).
+        logit_scale: 0-dim tensor t'; the temperature is t = exp(t').
+        logit_bias: 0-dim tensor b.
+        group_ids: optional (B,) int32/int64; every pair with equal ids is positive
+            (z_ij = +1). Without it the positives are the diagonal i == j.
+        backend: "auto" (Triton on CUDA, the chunked PyTorch path on CPU unless
+            TRITON_INTERPRET=1), "triton" or "torch".
+
+    Returns:
+        0-dim loss, float32 (float64 for float64 inputs); products accumulate in float32 (fp64).
+        fp32 products are IEEE unless torch.backends.cuda.matmul.allow_tf32 is set.
+    """
+    check_siglip_args(x, y, logit_scale, logit_bias, group_ids)
+    backend = resolve_backend(backend, x.device)
+    return SigLIPLossFunction.apply(x, y, logit_scale, logit_bias, group_ids, group_ids, 0, 0, 1.0 / x.shape[0],
+                                    backend)
+
+
+# ----------------------------------------------------------------------------------------
+# Several processes: each holds B_local rows of x and of y; B = world_size * B_local.
+#
+# Convention (both modes): rank r returns world_size * (its share of the global loss), its
+# share being -(1/B) sum over its rows i and ALL columns j. So the mean over ranks of the
+# returned values is the single-process loss, and every gradient a rank computes is
+# world_size times its contribution: after the usual DDP averaging of gradients (all_reduce
+# sum / world_size) they equal the single-process gradients. Embedding gradients reaching a
+# rank's encoders are world_size * dL/d(embedding), which that same averaging cancels.
+# Local batches must have equal sizes on every rank; group ids must be global labels.
+# ----------------------------------------------------------------------------------------
+def _world(group):
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("distributed SigLIP needs an initialised torch.distributed process group")
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+_BLOCK_TAG, _GRAD_TAG = 0, 2  # a block and its group ids use tags 0 and 1
+_all_gather_rows = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_rows = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _gather_rows_no_grad(t: torch.Tensor, group) -> torch.Tensor:
+    world, _ = _world(group)
+    out = t.new_empty((world * t.shape[0], *t.shape[1:]))
+    _all_gather_rows(out, t.contiguous(), group=group)
+    return out
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather along dim 0; backward sums every rank's gradient of a block onto its owner."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        return _gather_rows_no_grad(t, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        world, _ = _world(ctx.group)
+        out = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
+        _reduce_scatter_rows(out, grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
+        return out, None
+
+
+def siglip_loss_gather(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
+                       group_ids: torch.Tensor | None = None, group=None, backend: str = "auto") -> torch.Tensor:
+    """Distributed SigLIP loss, all-gather form: local rows of x against every rank's y.
+
+    Holds B x d gathered text embeddings and B_local x B logits per tile pass (never stored).
+    Returns world_size * this rank's share of the global loss (see the convention above).
+    """
+    check_siglip_args(x, y, logit_scale, logit_bias, group_ids)
+    world, rank = _world(group)
+    backend = resolve_backend(backend, x.device)
+    n_local = x.shape[0]
+    y_all = _GatherRows.apply(y, group)
+    groups_all = None if group_ids is None else _gather_rows_no_grad(group_ids, group)
+    return SigLIPLossFunction.apply(x, y_all, logit_scale, logit_bias, group_ids, groups_all,
+                                    rank * n_local, 0, 1.0 / n_local, backend)
+
+
+def _start_shift(tensors, group, tag):
+    """Send each tensor to the next rank and receive the previous rank's into new buffers.
+
+    Tags keep the travelling blocks, their group ids and their gradients apart in flight."""
+    world, rank = _world(group)
+    peer = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
+    received = [torch.empty_like(t) for t in tensors]
+    ops = []
+    for i, (t, buf) in enumerate(zip(tensors, received)):
+        ops.append(dist.P2POp(dist.isend, t.contiguous(), peer((rank + 1) % world), group, tag + i))
+        ops.append(dist.P2POp(dist.irecv, buf, peer((rank - 1) % world), group, tag + i))
+    return received, dist.batch_isend_irecv(ops)
+
+
+def _finish_shift(pending):
+    received, works = pending
+    for work in works:
+        work.wait()
+    return received
+
+
+class _RingSigLIPFunction(torch.autograd.Function):
+    """Text blocks travel to the next rank W - 1 times; each step adds the fused loss of the
+    local rows against the block in hand. Backward sends the blocks round again and, with each,
+    the fp32 gradient accumulated for it so far; after W steps every gradient is back home.
+    Saves only the local x, y: O(B_local * d) memory, no rank holds global logits."""
+
+    @staticmethod
+    def forward(ctx, x, y, logit_scale, logit_bias, group_ids, group, backend):
+        _, rank = _world(group)
+        y = y.contiguous()
+        ctx.save_for_backward(x, y, logit_scale, logit_bias, group_ids)
+        ctx.group, ctx.backend = group, backend
+        total = None
+        for y_block, g_block, owner in _ring_blocks(y, group_ids, group):
+            part = _block_forward(backend, x, y_block, logit_scale, logit_bias, group_ids, g_block,
+                                  rank * x.shape[0], owner * y.shape[0], 1.0 / x.shape[0])
+            total = part if total is None else total + part
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, logit_scale, logit_bias, group_ids = ctx.saved_tensors
+        world, rank = _world(ctx.group)
+        dx = d_scale = d_bias = dy_block = None
+        for y_block, g_block, owner in _ring_blocks(y, group_ids, ctx.group):
+            dx_k, dy_k, ds_k, db_k = _block_backward(ctx.backend, grad, x, y_block, logit_scale, logit_bias,
+                                                     group_ids, g_block, rank * x.shape[0], owner * y.shape[0],
+                                                     1.0 / x.shape[0])
+            if dx is None:
+                dx, d_scale, d_bias, dy_block = dx_k, ds_k, db_k, dy_k
+            else:
+                dx, d_scale, d_bias, dy_block = dx + dx_k, d_scale + ds_k, d_bias + db_k, dy_block + dy_k
+            if world > 1:  # the gradient follows its block; after the last step it reaches the owner
+                (dy_block,) = _finish_shift(_start_shift([dy_block], ctx.group, _GRAD_TAG))
+        return dx.to(x.dtype), dy_block.to(y.dtype), d_scale, d_bias, None, None, None
+
+
+def _ring_blocks(y, group_ids, group):
+    """Yield (y block, its group ids, owner rank) for the W steps; the next transfer overlaps
+    the caller's work on the current block."""
+    world, rank = _world(group)
+    block, groups = y, group_ids
+    for step in range(world):
+        pending = None
+        if step < world - 1:
+            pending = _start_shift([block] if groups is None else [block, groups], group, _BLOCK_TAG)
+        yield block, groups, (rank - step) % world
+        if pending is not None:
+            received = _finish_shift(pending)
+            block, groups = received[0], (received[1] if groups is not None else None)
+
+
+def siglip_loss_ring(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
+                     group_ids: torch.Tensor | None = None, group=None, backend: str = "auto") -> torch.Tensor:
+    """Distributed SigLIP loss, ring form (the paper's): text blocks pass neighbour to neighbour.
+
+    Positives lie in the rank's own block only (or wherever group ids match). Returns
+    world_size * this rank's share of the global loss (see the convention above).
+    """
+    check_siglip_args(x, y, logit_scale, logit_bias, group_ids)
+    _world(group)
+    backend = resolve_backend(backend, x.device)
+    return _RingSigLIPFunction.apply(x, y, logit_scale, logit_bias, group_ids, group, backend)
+
+
+class SigLIPLoss(nn.Module):
+    """SigLIP loss with its temperature t' and bias b (paper init: t' = log 10, b = -10).
+
+    Args:
+        init_logit_scale: initial t' (the temperature is exp(t')).
+        init_logit_bias: initial b.
+        learnable: t' and b are nn.Parameters if True, buffers otherwise.
+        dist_impl: None (one process), "gather" or "ring" (see ``siglip_loss_gather`` /
+            ``siglip_loss_ring``; each rank returns world_size * its share of the loss, so DDP's
+            gradient averaging reproduces the single-process gradients).
+        backend: "auto", "triton" or "torch", as for ``siglip_loss``.
+        process_group: the torch.distributed group for the "gather"/"ring" modes (None: world).
+    """
+
+    def __init__(self, init_logit_scale: float = math.log(10.0), init_logit_bias: float = -10.0,
+                 learnable: bool = True, dist_impl: str | None = None, backend: str = "auto", process_group=None):
+        super().__init__()
+        if dist_impl not in DIST_IMPLS:
+            raise ValueError(f"dist_impl must be one of {DIST_IMPLS}; got {dist_impl!r}")
+        scale = torch.tensor(float(init_logit_scale))
+        bias = torch.tensor(float(init_logit_bias))
+        if learnable:
+            self.logit_scale, self.logit_bias = nn.Parameter(scale), nn.Parameter(bias)
+        else:
+            self.register_buffer("logit_scale", scale)
+            self.register_buffer("logit_bias", bias)
+        self.dist_impl = dist_impl
+        self.backend = backend
+        self.process_group = process_group
+
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor,
+                group_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.dist_impl is None:
+            return siglip_loss(image_emb, text_emb, self.logit_scale, self.logit_bias, group_ids, self.backend)
+        loss_fn = siglip_loss_gather if self.dist_impl == "gather" else siglip_loss_ring
+        return loss_fn(image_emb, text_emb, self.logit_scale, self.logit_bias, group_ids, self.process_group,
+                       self.backend)
+
+    def extra_repr(self) -> str:
+        return f"dist_impl={self.dist_impl!r}, backend={self.backend!r}"
