@@ -105,28 +105,23 @@ class _TileConfig:
     num_warps: int
 
 
-def _tile_config(x: torch.Tensor, out_h: int, out_w: int, depth: int, backward: bool) -> _TileConfig:
-    """Tile shape by memory format: W-major tiles for NCDHW, C-major tiles for channels-last."""
-    channels = x.shape[1]
+def _tile_config(x: torch.Tensor, out_h: int, out_w: int, depth: int) -> _TileConfig:
+    """Tile shape by memory format: W-major tiles for NCDHW, C-major tiles for channels-last.
+
+    The GPU choices are the fastest of a sweep on an H100 (``python -m bench.tune_conv``, bf16,
+    DCFormer stage shapes; results in bench/results/tune_conv.csv).
+    """
     if triton_interpreting():
         # The interpreter costs ~ms per program and per op: small tiles, and shapes in the tests
         # are chosen so that several blocks and partial blocks occur on every axis.
-        block_c, cols_w, rows_h, d_chunk, warps = 4, 8, 4, 4, 1
+        block_c, rows_h, cols_w, d_chunk, warps = 4, 4, 8, 4, 1
     elif _memory_format(x) == torch.channels_last_3d:
-        block_c = min(64, next_power_of_2(channels))
-        cols_w, d_chunk, warps = 4, 4, 4
-        rows_h = max(1, 1024 // (block_c * cols_w))
+        block_c, rows_h, cols_w, d_chunk, warps = min(32, next_power_of_2(x.shape[1])), 8, 4, 8, 4
     else:
         cols_w = min(64, next_power_of_2(out_w))
-        rows_h = max(1, 256 // cols_w)
-        block_c, d_chunk, warps = 4, 4, 4
-    cols_w = min(cols_w, next_power_of_2(out_w))
-    rows_h = min(rows_h, next_power_of_2(out_h))
-    if backward:
-        # Each backward program writes BLOCK_C x KPAD fp32 partials: walk more planes per
-        # program so the partials stay a few percent of x's bytes.
-        d_chunk = d_chunk if triton_interpreting() else 16
-    return _TileConfig(block_c, rows_h, cols_w, min(d_chunk, depth), warps)
+        block_c, rows_h, d_chunk, warps = (4 if cols_w >= 64 else 8), 4, 4, 4
+    return _TileConfig(block_c, min(rows_h, next_power_of_2(out_h)), min(cols_w, next_power_of_2(out_w)),
+                       min(d_chunk, depth), warps)
 
 
 if HAS_TRITON:
@@ -304,7 +299,7 @@ def _triton_forward(x, weight_d, weight_h, weight_w, bias, stride):
         return y
     n, c, d, h, w = x.shape
     _, _, do, ho, wo = shape
-    cfg = _tile_config(x, ho, wo, do, backward=False)
+    cfg = _tile_config(x, ho, wo, do)
     grid, (n_db, n_hb, n_wb) = _grid(n, do, ho, wo, c, cfg)
     weights = [t.contiguous() for t in (weight_d, weight_h, weight_w)]
     _decomposed_conv3d_fwd_kernel[grid](
@@ -329,7 +324,7 @@ def _triton_backward(grad, x, weight_d, weight_h, weight_w, stride):
         zeros = [torch.zeros_like(t) for t in (weight_d, weight_h, weight_w)]
         return dx.zero_(), *zeros, torch.zeros(c, dtype=x.dtype, device=x.device)
     _, _, do, ho, wo = grad.shape
-    cfg = _tile_config(x, h, w, d, backward=True)
+    cfg = _tile_config(x, h, w, d)
     grid, (n_db, n_hb, n_wb) = _grid(n, d, h, w, c, cfg)
     kpad = next_power_of_2(kd + kh + kw + 1)
     partials = torch.empty((grid[0], c, kpad), dtype=acc_dtype, device=x.device)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ._dispatch import resolve_backend
 from .decomposed_conv import MAX_KERNEL_SIZE, SUPPORTED_STRIDES, decomposed_conv3d
+from .decomposed_conv_bn import decomposed_conv3d_batchnorm_train
 
 __all__ = ["DecomposedConv3d"]
 
@@ -30,8 +32,9 @@ class DecomposedConv3d(nn.Module):
     - other ``groups``: three ``nn.Conv3d`` branches summed (correct, not fused).
     - ``norm="batch"``: each branch has its own BatchNorm3d before the sum, as DCFormer does.
       In eval mode the BNs and conv biases fold into the fused op's weights and one bias (a single
-      launch). In training mode each branch uses its own batch statistics: computed here by the
-      unfused form.
+      launch). In training mode each branch uses its own batch statistics; for the depthwise,
+      stride-1 case on the Triton backend they come from the fused training kernels
+      (``decomposed_conv_bn``: no branch tensors in memory), otherwise from the unfused form.
 
     Parameters are stored as three ``nn.Conv3d`` (``branches.0/1/2`` along D/H/W) and, with
     ``norm="batch"``, three ``nn.BatchNorm3d`` (``norms.0/1/2``), so state dicts map one to one
@@ -69,6 +72,32 @@ class DecomposedConv3d(nn.Module):
     def _norms_use_batch_stats(self) -> bool:
         return self.norms is not None and (self.training or not all(bn.track_running_stats for bn in self.norms))
 
+    def _fused_training_applies(self, x: torch.Tensor) -> bool:
+        """Batch-statistics BN on the fused kernels: depthwise, stride 1, affine BNs, Triton available."""
+        return (self.depthwise and self.stride == 1 and all(bn.affine for bn in self.norms)
+                and len({bn.eps for bn in self.norms}) == 1 and resolve_backend(self.backend, x.device) == "triton")
+
+    def _fused_batchnorm_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Training-mode forward without branch tensors; running statistics as nn.BatchNorm3d keeps them."""
+        count = x.numel() // max(x.shape[1], 1)
+        if count <= 1:
+            raise ValueError(f"expected more than 1 value per channel when training; got input of shape {tuple(x.shape)}")
+        c = self.out_channels
+        wd, wh, ww = (conv.weight.reshape(c, -1) for conv in self.branches)
+        gamma = torch.stack([bn.weight for bn in self.norms])
+        beta = torch.stack([bn.bias for bn in self.norms])
+        y, mean, var = decomposed_conv3d_batchnorm_train(x, wd, wh, ww, gamma, beta, self.norms[0].eps)
+        with torch.no_grad():
+            for b, (conv, bn) in enumerate(zip(self.branches, self.norms)):
+                if not (bn.training and bn.track_running_stats):
+                    continue
+                bn.num_batches_tracked.add_(1)
+                momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
+                batch_mean = mean[b] if conv.bias is None else mean[b] + conv.bias.double()
+                bn.running_mean.lerp_(batch_mean.to(bn.running_mean.dtype), momentum)
+                bn.running_var.lerp_((var[b] * count / (count - 1)).to(bn.running_var.dtype), momentum)
+        return y
+
     def folded_parameters(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Branch conv weights and one bias with eval-mode BN folded in (differentiable).
 
@@ -94,6 +123,8 @@ class DecomposedConv3d(nn.Module):
             raise ValueError(
                 f"DecomposedConv3d expects x of shape (N, {self.in_channels}, D, H, W); got {tuple(x.shape)}")
         if self._norms_use_batch_stats():
+            if self._fused_training_applies(x):
+                return self._fused_batchnorm_forward(x)
             return sum(bn(conv(x)) for conv, bn in zip(self.branches, self.norms))
         weights, bias = self.folded_parameters()
         if self.depthwise:

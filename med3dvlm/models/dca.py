@@ -16,9 +16,9 @@ softmax for backward, so one sample holds
 
     attention bytes = n_blocks · L · spatial_heads · N² · 4      (fp32)
 
-e.g. 39 MB for the paper's 2D setting (N = 28² = 784, L = 4, 4 heads) but 1.07 GB for a 3D grid
-of 16³ = 4096 tokens. The constructor refuses grids above ``max_attention_bytes`` (1 GiB per
-sample by default). Fused GPU kernels avoid storing the map, but the compute still grows as N².
+e.g. 39 MB for the paper's 2D setting (N = 28² = 784, L = 4, 4 heads), 268 MB for a 3D grid of
+8×16×16 = 2048 tokens, 17 GB for 16×32×32. Grids above ``max_attention_bytes`` (1 GiB per sample
+by default) raise an error stating the figure. Fused GPU kernels avoid storing the map, but the compute still grows as N².
 The CCA maps (C_i × C_Σ per scale) are small next to it.
 """
 from __future__ import annotations

@@ -1,0 +1,156 @@
+"""Fused training-mode decomposed conv + per-branch BatchNorm against the unfused module."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dcformer_kernels.decomposed_conv_bn as bn_op
+from dcformer_kernels import DecomposedConv3d
+from dcformer_kernels.reference import branch_conv3d
+
+
+def _unfused(layer: DecomposedConv3d, x: torch.Tensor) -> torch.Tensor:
+    return sum(bn(conv(x)) for conv, bn in zip(layer.branches, layer.norms))
+
+
+def _layer(channels, ks, dtype=torch.float32, momentum=0.1):
+    layer = DecomposedConv3d(channels, channels, ks, groups=channels, norm="batch").to(dtype)
+    for bn in layer.norms:
+        bn.momentum = momentum
+    with torch.no_grad():
+        for bn in layer.norms:
+            bn.weight.normal_(1, 0.3)
+            bn.bias.normal_()
+    return layer.train()
+
+
+@pytest.mark.parametrize("shape,ks,channels_last,momentum", [
+    ((2, 5, 4, 5, 6), (3, 3, 5), False, 0.1),
+    ((1, 6, 5, 4, 3), (5, 3, 3), True, None),  # cumulative moving average
+])
+def test_training_steps_match_unfused_module(shape, ks, channels_last, momentum):
+    torch.manual_seed(0)
+    fused = _layer(shape[1], ks, momentum=momentum)
+    unfused = copy.deepcopy(fused)
+    opt_f = torch.optim.SGD(fused.parameters(), lr=0.1)
+    opt_u = torch.optim.SGD(unfused.parameters(), lr=0.1)
+    calls = []
+    real = bn_op.DecomposedConv3dBatchNormFunction.apply
+    bn_op.DecomposedConv3dBatchNormFunction.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        for step in range(3):
+            x = torch.randn(shape) * 2 + 0.5
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            x_f, x_u = x.clone().requires_grad_(), x.clone().requires_grad_()
+            y_f, y_u = fused(x_f), _unfused(unfused, x_u)
+            torch.testing.assert_close(y_f, y_u, rtol=1e-5, atol=1e-5)
+            grad = torch.randn_like(y_u)
+            y_f.backward(grad)
+            y_u.backward(grad)
+            torch.testing.assert_close(x_f.grad, x_u.grad, rtol=1e-4, atol=1e-5)
+            for (name, p_f), p_u in zip(fused.named_parameters(), unfused.parameters()):
+                if "branches" in name and name.endswith("bias"):
+                    # the conv bias cancels in training-mode BN: its gradient is zero in both
+                    assert p_f.grad is None or torch.count_nonzero(p_f.grad) == 0
+                    assert torch.allclose(p_u.grad, torch.zeros_like(p_u.grad), atol=1e-4)
+                    continue
+                torch.testing.assert_close(p_f.grad, p_u.grad, rtol=1e-4, atol=1e-4, msg=name)
+            for b_f, b_u in zip(fused.buffers(), unfused.buffers()):
+                torch.testing.assert_close(b_f, b_u, rtol=1e-5, atol=1e-6)
+            opt_f.step()
+            opt_u.step()
+            opt_f.zero_grad()
+            opt_u.zero_grad()
+    finally:
+        bn_op.DecomposedConv3dBatchNormFunction.apply = real
+    assert len(calls) == 3  # the fused path really ran
+    assert all(bn.num_batches_tracked.item() == 3 for bn in fused.norms)
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(1)
+    x = (torch.randn(1, 2, 3, 4, 3, dtype=torch.float64) + 1).requires_grad_()
+    ws = [torch.randn(2, k, dtype=torch.float64, requires_grad=True) for k in (3, 1, 3)]
+    gamma = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+
+    def fn(*args):
+        return bn_op.decomposed_conv3d_batchnorm_train(*args, eps=1e-5)[0]
+
+    assert torch.autograd.gradcheck(fn, (x, *ws, gamma, beta), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_statistics_are_stable_when_the_mean_dwarfs_the_spread():
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 6, 5, 7) * 0.01 + 1000.0
+    ws = [torch.rand(3, k) + 0.5 for k in (3, 5, 3)]
+    mean, var = torch.ops.dcformer_kernels.decomposed_conv3d_bn_stats(x, *ws)
+    for b, w in enumerate(ws):
+        z = branch_conv3d(x.double(), w.double(), b)
+        torch.testing.assert_close(mean[b], z.mean((0, 2, 3, 4)), rtol=1e-6, atol=0)
+        torch.testing.assert_close(var[b], z.var((0, 2, 3, 4), unbiased=False), rtol=1e-3, atol=0)
+
+
+def test_backward_is_bitwise_deterministic():
+    torch.manual_seed(3)
+    layer = _layer(4, (3, 3, 5))
+    x = torch.randn(2, 4, 5, 4, 6, requires_grad=True)
+    y = layer(x)
+    grad = torch.randn_like(y)
+    params = [x, *layer.parameters()]
+    first = torch.autograd.grad(y, params, grad, retain_graph=True, allow_unused=True)
+    second = torch.autograd.grad(y, params, grad, allow_unused=True)
+    for a, b in zip(first, second):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_bad_arguments():
+    x = torch.randn(1, 3, 4, 4, 4)
+    ws = [torch.randn(3, 3) for _ in range(3)]
+    with pytest.raises(ValueError, match=r"gamma and beta must have shape \(3, C=3\); got \(3,\)"):
+        bn_op.decomposed_conv3d_batchnorm_train(x, *ws, torch.ones(3), torch.zeros(3, 3))
+    layer = _layer(3, 3)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        layer(torch.randn(1, 3, 1, 1, 1))
+
+
+def test_reference_module_matches_functional_batch_norm():
+    """The oracle itself: per-branch batch statistics (guards the comparison above)."""
+    torch.manual_seed(4)
+    layer = _layer(3, (3, 5, 3))
+    x = torch.randn(2, 3, 4, 5, 6)
+    want = sum(F.batch_norm(branch_conv3d(x, conv.weight.reshape(3, -1), a, bias=conv.bias), None, None,
+                            bn.weight, bn.bias, True)
+               for a, (conv, bn) in enumerate(zip(layer.branches, layer.norms)))
+    torch.testing.assert_close(_unfused(layer, x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gpu_training_matches_unfused(dtype, tol, channels_last):
+    torch.manual_seed(5)
+    fused = _layer(48, (7, 5, 3)).cuda()
+    unfused = copy.deepcopy(fused)
+    x = torch.randn(2, 48, 13, 21, 17, device="cuda") * 2 + 0.5
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x_f = x.to(dtype).requires_grad_()
+    x_u = x.clone().requires_grad_()  # fp32 oracle
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        y_f = fused.to(dtype)(x_f)
+    y_u = _unfused(unfused, x_u)
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(y_f, y_u) <= tol
+    grad = torch.randn_like(y_u)
+    y_f.backward(grad.to(dtype))
+    y_u.backward(grad)
+    assert rel(x_f.grad, x_u.grad) <= tol
+    for (name, p_f), p_u in zip(fused.named_parameters(), unfused.parameters()):
+        if "branches" in name and name.endswith("bias"):
+            continue
+        assert rel(p_f.grad, p_u.grad) <= tol, name
