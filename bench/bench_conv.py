@@ -55,8 +55,9 @@ def _variants(c, k, dtype, device, gpu):
         compiled = torch.compile(decomposed_conv3d_reference)
         variants["compiled_reference"] = (lambda x: compiled(x, wd, wh, ww, bias), torch.contiguous_format, True)
     else:
-        variants = {"cpu_path": (lambda x: decomposed_conv3d(x, wd, wh, ww, bias, backend="torch"),
-                                 torch.contiguous_format, True), **variants}
+        cpu_path = lambda x: decomposed_conv3d(x, wd, wh, ww, bias, backend="torch")  # noqa: E731
+        variants = {"cpu_path_ncdhw": (cpu_path, torch.contiguous_format, True),
+                    "cpu_path_cl": (cpu_path, torch.channels_last_3d, True), **variants}
     return variants
 
 
@@ -80,10 +81,10 @@ def run(out_dir: Path, quick: bool = False) -> Path:
                 copy_gbs = 2 * numel * elt / copy.median_ms / 1e6
                 rows.append(Row("decomposed_conv3d", "clone", name, dt, "torch", "GB/s", round(copy_gbs, 1), "GB/s",
                                 env=env))
-                best_unfused, fused_best = None, None
+                both: dict[str, float] = {}  # forward+backward median per variant
                 for variant, (fn, fmt, has_bwd) in _variants(c, k, dtype, device, gpu).items():
-                    if variant == "compiled_reference" and (batch != 2 or dtype != torch.bfloat16):
-                        continue  # one compile per shape keeps the run short
+                    if variant == "compiled_reference" and (batch != 2 or dtype != torch.bfloat16 or k != 13):
+                        continue  # one inductor compile (the k=13 stage) keeps the run short
                     if variant == "dense_k3_depthwise" and batch != 2:
                         continue
                     x = x0.contiguous(memory_format=fmt).requires_grad_(has_bwd)
@@ -104,10 +105,7 @@ def run(out_dir: Path, quick: bool = False) -> Path:
                             rows.append(Row(backend=mode, metric="%copy", value=round(100 * gbs / copy_gbs, 1),
                                             unit="%", **common))
                             if mode == "forward+backward":
-                                if variant.startswith("three_conv3d"):
-                                    best_unfused = min(best_unfused or t.median_ms, t.median_ms)
-                                if variant.startswith(("fused", "cpu_path")):
-                                    fused_best = min(fused_best or t.median_ms, t.median_ms)
+                                both[variant] = t.median_ms
                         mem = peak_memory_bytes(lambda: torch.autograd.grad(fn(x), x, g)) if has_bwd else None
                         if mem is not None:
                             rows.append(Row("decomposed_conv3d", variant, name, dt, "forward+backward",
@@ -116,9 +114,55 @@ def run(out_dir: Path, quick: bool = False) -> Path:
                     except torch.OutOfMemoryError:
                         rows.append(Row("decomposed_conv3d", variant, name, dt, "forward", "time", "OOM", "", env=env))
                         torch.cuda.empty_cache()
-                if best_unfused and fused_best:
-                    rows.append(Row("decomposed_conv3d", "fused vs best of three_conv3d", name, dt,
-                                    "forward+backward", "speedup", round(best_unfused / fused_best, 2), "x", env=env))
+                rows += _speedups(both, name, dt, env)
+                if gpu and dtype == dtypes[0]:
+                    rows += _batchnorm_training(x0, k, name, dt, env)
+                _write_report(rows, out_dir, gpu)  # after every case: a cut-off run still leaves its numbers
+    return out_dir / f"{'conv_gpu' if gpu else 'conv_cpu'}.csv"
+
+
+def _speedups(both: dict, name: str, dt: str, env: dict) -> list[Row]:
+    """GPU: best fused against the best of three Conv3d (NCDHW or channels_last).
+    CPU: our CPU path against three Conv3d on the same input layout."""
+    pairs = {}
+    unfused = [both[v] for v in ("three_conv3d_ncdhw", "three_conv3d_cl") if v in both]
+    fused = [both[v] for v in ("fused_ncdhw", "fused_cl") if v in both]
+    if fused and unfused:
+        pairs["fused vs best of three_conv3d"] = min(unfused) / min(fused)
+    for fmt in ("ncdhw", "cl"):
+        if f"cpu_path_{fmt}" in both and f"three_conv3d_{fmt}" in both:
+            pairs[f"cpu_path vs three_conv3d ({fmt})"] = both[f"three_conv3d_{fmt}"] / both[f"cpu_path_{fmt}"]
+    return [Row("decomposed_conv3d", k, name, dt, "forward+backward", "speedup", round(v, 2), "x", env=env)
+            for k, v in pairs.items()]
+
+
+def _batchnorm_training(x0, k, name, dt, env) -> list[Row]:
+    """Training-mode DecomposedConv3d(norm="batch") on a channels_last input (DCFormer's layout):
+    the fused training kernels (backend auto) against the unfused three conv + BN (backend torch)."""
+    from dcformer_kernels import DecomposedConv3d
+
+    c = x0.shape[1]
+    x = x0.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    rows, times = [], {}
+    for backend in ("auto", "torch"):
+        layer = DecomposedConv3d(c, c, k, groups=c, norm="batch", backend=backend).to(x.device, x.dtype).train()
+        g = torch.randn_like(x)
+        step = lambda: torch.autograd.grad(layer(x), [x, *layer.parameters()], g)  # noqa: E731
+        t = time_fn(step)
+        times[backend] = t.median_ms
+        variant = "bn_train_fused" if backend == "auto" else "bn_train_unfused"
+        rows.append(Row("decomposed_conv3d_bn", variant, name, dt, "forward+backward", "time", round(t.median_ms, 4),
+                        "ms", round(t.p20_ms, 4), round(t.p80_ms, 4), env=env))
+        mem = peak_memory_bytes(step)
+        if mem is not None:
+            rows.append(Row("decomposed_conv3d_bn", variant, name, dt, "forward+backward", "peak_memory",
+                            round(mem / 2**20, 1), "MiB", env=env))
+    rows.append(Row("decomposed_conv3d_bn", "fused vs unfused (training, BN)", name, dt, "forward+backward",
+                    "speedup", round(times["torch"] / times["auto"], 2), "x", env=env))
+    return rows
+
+
+def _write_report(rows: list[Row], out_dir: Path, gpu: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "conv_gpu" if gpu else "conv_cpu"
     csv_path = write_csv(rows, out_dir / f"{stem}.csv")
@@ -128,10 +172,13 @@ def run(out_dir: Path, quick: bool = False) -> Path:
           markdown_pivot([r for r in table if r["metric"] in ("%copy",) and r["backend"] == "forward"],
                          ["input", "dtype"], "variant", "Forward bandwidth, % of measured torch.clone bandwidth"),
           markdown_pivot([r for r in table if r["metric"] == "speedup"], ["input", "dtype"], "variant",
-                         "Forward+backward speed-up of the fused op")]
+                         "Forward+backward speed-up (CPU: our CPU path vs the same convs on the same layout)"),
+    ]
+    if gpu:
+        md.append(markdown_pivot([r for r in table if r["model"] == "decomposed_conv3d_bn"],
+                                 ["input", "dtype", "metric"], "variant",
+                                 "Training mode with per-branch BatchNorm (channels_last_3d): fused vs unfused"))
     (out_dir / f"{stem}.md").write_text("\n".join(md))
-    print("\n".join(md))
-    return csv_path
 
 
 def main(argv=None):
@@ -139,7 +186,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--quick", action="store_true", help="batch 2 only")
     args = parser.parse_args(argv)
-    run(args.out, args.quick)
+    csv_path = run(args.out, args.quick)
+    print(csv_path.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":

@@ -159,6 +159,7 @@ def test_channels_last_and_contiguous_inputs_agree(name):
         channels_last = model.forward_features(x.contiguous(memory_format=torch.channels_last_3d))
     for a, b in zip(channels_last, contiguous):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model(x), contiguous[-1])
 
 
 @pytest.mark.parametrize("name", list(SMALL))

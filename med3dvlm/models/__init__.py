@@ -1,8 +1,13 @@
-"""Models: encoders (DCFormer family and baselines), DCA, projector, VLM; one registry."""
+"""Models: 3D encoders (DCFormer family and baselines) behind one registry."""
 from .registry import create_model, list_models, register_model
 from .encoder import Encoder3D
-
-__all__ = ["create_model", "list_models", "register_model", "Encoder3D"]
 from .dcformer import DCFormer, DCFormerConfig, load_official_dcformer
+from .vit3d import ViT3D, ViT3DConfig
+from .convnext3d import ConvNeXt3D, ConvNeXt3DConfig
+from .poolformer3d import PoolFormer3D, PoolFormer3DConfig
 
-__all__ += ["DCFormer", "DCFormerConfig", "load_official_dcformer"]
+__all__ = [
+    "create_model", "list_models", "register_model", "Encoder3D",
+    "DCFormer", "DCFormerConfig", "load_official_dcformer",
+    "ViT3D", "ViT3DConfig", "ConvNeXt3D", "ConvNeXt3DConfig", "PoolFormer3D", "PoolFormer3DConfig",
+]

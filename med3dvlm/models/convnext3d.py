@@ -97,6 +97,5 @@ class ConvNeXt3D(Encoder3D):
         self.apply(init_trunc_normal)
 
 
-
 for _variant, _config in CONVNEXT3D_VARIANTS.items():
     register_model(f"convnext3d_{_variant}")(partial(ConvNeXt3D, _config))

@@ -23,6 +23,7 @@ import torch.nn as nn
 from dcformer_kernels import DecomposedConv3d
 
 from .encoder import Encoder3D
+from .layers import Mlp, to_channels_first, to_channels_last
 from .registry import register_model
 
 __all__ = ["DCFormer", "DCFormerConfig", "DCFORMER_VARIANTS", "load_official_dcformer"]
@@ -71,19 +72,6 @@ class Stem(nn.Sequential):
         super().__init__(*units)
 
 
-class Mlp(nn.Module):
-    """Channel MLP over the last axis: Linear(c, r*c) -> GELU -> Linear(r*c, c)."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class DCFormerBlock(nn.Module):
     """x + scale * MLP(DecomposedDepthwise(x)) on a channels_last_3d map."""
 
@@ -94,10 +82,9 @@ class DCFormerBlock(nn.Module):
         self.scale = nn.Parameter(torch.full((dim,), layer_scale_init))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.dwconv(x)
         # (B, C, D, H, W) in channels_last memory -> (B, D, H, W, C) view: no copy
-        y = self.mlp(y.permute(0, 2, 3, 4, 1)) * self.scale
-        return x + y.permute(0, 4, 1, 2, 3)
+        y = self.mlp(to_channels_last(self.dwconv(x))) * self.scale
+        return x + to_channels_first(y)
 
 
 class Downsample(nn.Module):

@@ -11,8 +11,10 @@ The pooling token mixer subtracts its input because the block's residual already
 There is no final norm: ``forward_features`` returns the 4 stage maps at reductions 4, 8, 16, 32.
 
 The variants match the parameter counts of the DCFormer paper's PoolFormer baselines (2.79M,
-11.31M, 20.68M, no projection head). The paper does not publish their widths and depths; the ones
-chosen to give those counts are listed in docs/baselines.md.
+11.31M, 20.68M, no projection head). The paper does not publish their widths and depths; nano and
+naive keep the stage widths of the DCFormer variant of the same name, tiny uses PoolFormer-S widths
+(no depths reach 20.68M at DCFormer-tiny's widths); depths were chosen to give the published counts
+(docs/baselines.md).
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .encoder import Encoder3D
-from .layers import DropPath, LayerScale, Mlp, Stage, drop_path_rates, init_trunc_normal, to_channels_first, \
-    to_channels_last
+from .layers import (DropPath, LayerScale, Mlp, Stage, drop_path_rates, init_trunc_normal, to_channels_first,
+                     to_channels_last)
 from .registry import register_model
 
 __all__ = ["PoolFormer3D", "PoolFormer3DConfig", "POOLFORMER3D_VARIANTS"]
@@ -118,7 +120,6 @@ class PoolFormer3D(Encoder3D):
         self.feature_info = [{"num_chs": ch, "reduction": (_STEM_STRIDE * 2**i,) * 3, "module": f"stages.{i}"}
                              for i, ch in enumerate(d)]
         self.apply(init_trunc_normal)
-
 
 
 for _variant, _config in POOLFORMER3D_VARIANTS.items():

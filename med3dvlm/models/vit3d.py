@@ -56,8 +56,8 @@ class ViT3DConfig:
     mlp_hidden: int | None = None
     qkv_bias: bool = False
     class_token: bool = True
-    # LayerNorm over each patch's C*pd*ph*pw voxels before the projection and over dim after it,
-    # as in the vit-pytorch 3D ViT the DCFormer paper's baselines were counted with.
+    # LayerNorm over each patch's C*pd*ph*pw voxels before the projection and over dim after it
+    # (the 3D ViT of the vit-pytorch package); the DCFormer paper's ViT counts need it.
     embed_norm: bool = False
     drop_path_rate: float = 0.0
 
@@ -232,7 +232,6 @@ class ViT3D(Encoder3D):
             tokens = self.run_stage(stage, tokens)
             features.append(self.tokens_to_map(tokens, grid))
         return features
-
 
 
 for _variant, _config in VIT3D_VARIANTS.items():
