@@ -1,13 +1,16 @@
 """Kernel benchmark: fused SigLIP loss against the dense PyTorch form.
 
-GPU (bf16 by default): B in {1k, 4k, 16k, 32k, 64k} x d in {256, 768, 1152}; forward and
+GPU (bf16 by default): B in {1k, 4k, 16k, 32k, 64k} x d in {256, 768, 1152}; three variants:
+  "fused" (fused forward, fused row/column backward), "stripes" (the same forward, the stripes
+  backward: cuBLAS products over row stripes of the logits) and "dense". Forward and
   backward medians (do_bench), model TFLOP/s (2*B^2*d forward, 4*B^2*d backward) and their
   share of an 8192^3 matmul in the same dtype measured in the same run, and the peak memory
   beyond inputs and gradients. The dense form is what training code usually writes: a matmul
   in the input dtype to B x B logits, then float32 log-sigmoid. It is skipped where its B x B
   float32 buffers would pass ~40 GiB; an OOM is recorded as such. A time budget (--budget-s)
   stops starting new sizes, so a run stays inside a fixed slot (the rest is marked skipped).
-CPU: the chunked PyTorch path against the dense reference at small sizes, labelled CPU.
+CPU: the chunked PyTorch path (variant "fused", backend torch: its backward is the stripes
+  algorithm) against the dense reference at small sizes, labelled CPU.
 
     python -m bench.bench_siglip [--out bench/results] [--quick] [--budget-s 120]
 
@@ -16,6 +19,7 @@ Writes siglip.csv (long format, bench/common.py), then siglip.md made from the C
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 from pathlib import Path
@@ -44,8 +48,14 @@ def dense_siglip(x, y, logit_scale, logit_bias):
     return -F.logsigmoid(signs * logits).sum() / x.shape[0]
 
 
-def fused_siglip(x, y, logit_scale, logit_bias):
-    return siglip_loss(x, y, logit_scale, logit_bias, backend="triton" if x.is_cuda else "torch")
+def fused_siglip(x, y, logit_scale, logit_bias, backward_impl="fused"):
+    return siglip_loss(x, y, logit_scale, logit_bias, backend="triton" if x.is_cuda else "torch",
+                       backward_impl=backward_impl)
+
+
+GPU_VARIANTS = (("fused", fused_siglip), ("stripes", functools.partial(fused_siglip, backward_impl="stripes")),
+                ("dense", dense_siglip))
+CPU_VARIANTS = (("fused", fused_siglip), ("dense", dense_siglip))
 
 
 def matmul_tflops(device: str, dtype: torch.dtype) -> float:
@@ -67,7 +77,7 @@ def _inputs(batch, dim, dtype, device):
 def bench_one(impl, fn, batch, dim, dtype, device, ceiling, env) -> list[Row]:
     def row(metric, value, unit, p20="", p80=""):
         return Row("siglip", impl, f"B={batch} d={dim}", str(dtype).replace("torch.", ""),
-                   "triton" if impl == "fused" and device == "cuda" else "torch", metric, value, unit, p20, p80, env)
+                   "triton" if impl != "dense" and device == "cuda" else "torch", metric, value, unit, p20, p80, env)
 
     if impl == "dense" and DENSE_FP32_MATRICES * 4 * batch * batch > DENSE_LIMIT_BYTES:
         return [row("fwd_ms", f"skipped: ~{DENSE_FP32_MATRICES} B^2 fp32 buffers > 40 GiB", "")]
@@ -114,9 +124,11 @@ def main(argv=None) -> int:
         device, dtype = "cuda", getattr(torch, args.dtype)
         batches = GPU_QUICK_BATCHES if args.quick else GPU_BATCHES
         dims = GPU_QUICK_DIMS if args.quick else GPU_DIMS
+        variants = GPU_VARIANTS
     else:
         print("bench_siglip: the Triton kernels need CUDA; timing the chunked PyTorch path on CPU instead")
         device, dtype, batches, dims = "cpu", torch.float32, CPU_BATCHES, CPU_DIMS
+        variants = CPU_VARIANTS
     env = environment()
     ceiling = matmul_tflops(device, dtype)
     rows = [Row("siglip", "matmul_8192" if device == "cuda" else "matmul_1024", "ceiling",
@@ -126,7 +138,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     for batch in batches:
         for dim in dims:
-            for impl, fn in (("fused", fused_siglip), ("dense", dense_siglip)):
+            for impl, fn in variants:
                 if time.perf_counter() - start > args.budget_s:
                     new = [Row("siglip", impl, f"B={batch} d={dim}", str(dtype).replace("torch.", ""), "",
                                "fwd_ms", "skipped: time budget", "", env=env)]
@@ -140,7 +152,8 @@ def main(argv=None) -> int:
     csv_path = write_csv(rows, args.out / "siglip.csv")
     table = read_csv(csv_path)
     md = markdown_pivot([r for r in table if r["input"] != "ceiling"], ["input", "variant"], "metric",
-                        f"SigLIP loss, {dtype}: fused vs dense (peak = memory beyond inputs and gradients)")
+                        f"SigLIP loss, {dtype}: fused (fused or stripes backward) vs dense "
+                        "(peak = memory beyond inputs and gradients)")
     ceiling_row = next(r for r in table if r["input"] == "ceiling")
     md += f"\nMeasured ceiling: {ceiling_row['variant']} at {float(ceiling_row['value']):.4g} TFLOP/s.\n"
     (args.out / "siglip.md").write_text(md)

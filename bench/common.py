@@ -1,11 +1,13 @@
 """Shared benchmark plumbing: timing, environment record, long-format CSV and Markdown."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,8 +63,11 @@ class Timing:
     p80_ms: float
 
 
-def time_fn(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> Timing:
-    """Median (p20, p80) wall time of ``fn`` in ms: CUDA events via do_bench on GPU, perf_counter on CPU."""
+def time_fn(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 3) -> Timing:
+    """Median (p20, p80) wall time of ``fn`` in ms: CUDA events via do_bench on GPU, perf_counter on CPU.
+
+    On CPU at least ``min_reps`` timed calls after one warm-up call (5 or more give real p20/p80).
+    """
     if torch.cuda.is_available():
         import triton.testing
 
@@ -71,7 +76,7 @@ def time_fn(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100
     fn()  # warm-up
     samples = []
     deadline = time.perf_counter() + rep_ms / 1e3
-    while len(samples) < 3 or (time.perf_counter() < deadline and len(samples) < 50):
+    while len(samples) < min_reps or (time.perf_counter() < deadline and len(samples) < 50):
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
@@ -89,6 +94,50 @@ def peak_memory_bytes(fn: Callable[[], object]) -> int | None:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+CUDA_PEAK_MEASURE = "CUDA max_memory_allocated above resident"
+CPU_PEAK_MEASURE = "CPU allocator peak above resident, torch.profiler"
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Kineto writes a start and a stop line to file descriptor 2 on every profile; hide them."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def cpu_peak_allocated_bytes(fn: Callable[[], object]) -> int:
+    """Peak of the bytes PyTorch's CPU allocator handed out while ``fn`` runs, above what was live before.
+
+    The profiler records every allocation and free with its size; their running sum in time order
+    is the live total. (RSS-based measures see the process, not the tensors, and tracemalloc does
+    not see torch's allocator at all.)
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()  # frees of blocks allocated before the profiler started are not recorded
+        peak = max(peak, live)
+    return peak
+
+
+def peak_memory(fn: Callable[[], object]) -> tuple[float, str]:
+    """Peak memory of one call of ``fn`` in MiB, and the name of the measure (for the unit column)."""
+    if torch.cuda.is_available():
+        return peak_memory_bytes(fn) / 2**20, CUDA_PEAK_MEASURE
+    return cpu_peak_allocated_bytes(fn) / 2**20, CPU_PEAK_MEASURE
 
 
 def write_csv(rows: Iterable[Row], path: Path) -> Path:
@@ -123,11 +172,21 @@ def markdown_pivot(rows: list[dict], index: list[str], column: str, title: str) 
     for r in rows:
         cell = _fmt(r["value"]) + (f" {r['unit']}" if r["unit"] not in ("", "x") else ("x" if r["unit"] == "x" else ""))
         table.setdefault(tuple(r[k] for k in index), {})[r[column]] = cell
-    env = rows[0] if rows else {}
-    lines = [f"### {title}", "",
-             f"Device: {env.get('device', '?')}; torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, "
-             f"CUDA {env.get('cuda', '?')}; {env.get('date', '?')}", "",
-             "| " + " | ".join(index + columns) + " |", "|" + "---|" * (len(index) + len(columns))]
-    for key, cells in table.items():
-        lines.append("| " + " | ".join(list(key) + [cells.get(c, "") for c in columns]) + " |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(title, index + columns,
+                          [list(key) + [cells.get(c, "") for c in columns] for key, cells in table.items()],
+                          rows[0] if rows else {})
+
+
+def environment_line(env: dict) -> str:
+    return (f"Device: {env.get('device', '?')}; torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, "
+            f"CUDA {env.get('cuda', '?')}; {env.get('date', '?')}")
+
+
+def markdown_table(title: str, header: list[str], lines: list[list[str]], env: dict | None = None) -> str:
+    """A titled Markdown table; ``env`` (a row or ``environment()``) adds the device line under the title."""
+    out = [f"### {title}", ""]
+    if env is not None:
+        out += [environment_line(env), ""]
+    out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
+    return "\n".join(out) + "\n"

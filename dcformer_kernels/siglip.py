@@ -12,6 +12,14 @@ with G = dL/dS = -z sigmoid(-z S) / B: a row pass writes dX = t G Y (and per-pro
 sums for dt' = sum G (S - b) and db = sum G), a column pass - the same kernel with the roles of
 X and Y swapped, since z is symmetric - writes dY = t G^T X. Every output element has exactly
 one writer and every reduction has a fixed order: no atomics, bitwise-identical reruns.
+
+That backward recomputes each S tile once per block of gradient features, so above d = 256 it
+runs 7-10x the model FLOPs. The "stripes" backward computes S once: for a stripe of R rows
+(R x B logits, a bounded buffer) one matmul gives S, an elementwise kernel writes G and the
+stripe's partial sums for dt', db, and two more matmuls give dX[stripe] = t G Y and add
+t G^T X[stripe] to dY (fp32, stripes in a fixed order): 6 B^2 d at matmul rate, O(R B + B d)
+memory. ``backward_impl`` picks one; "auto" takes the stripes above d = 256. The PyTorch path
+(CPU) is the same stripes algorithm with the elementwise step in torch ops.
 Saved for backward: x, y, t', b (and the group ids); nothing of size B x B is ever stored.
 
 The same block functions (rows of X against columns of Y, with global row/column offsets that
@@ -47,8 +55,18 @@ __all__ = [
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _GROUP_DTYPES = (torch.int32, torch.int64)
 DIST_IMPLS = (None, "gather", "ring")
-# Row chunk of the PyTorch path: about this many logits (16 MiB in fp32) live at a time.
-TORCH_CHUNK_ELEMENTS = 1 << 22
+BACKWARD_IMPLS = ("auto", "fused", "stripes")
+# "auto" keeps the fused row/column backward up to this d. H100, bf16 (bench/siglip_notes.md):
+# at d = 256 it beat the dense PyTorch backward (B = 32k: 16.7 vs 21.9 ms); at d = 768 and 1152
+# it was 5-10x slower than dense (118 vs 24 ms, 279 vs 26 ms), which the stripes fix by running
+# the products on cuBLAS. The stripes have not been timed against the fused kernel at d = 256.
+FUSED_BACKWARD_MAX_DIM = 256
+# Logits per row stripe (one chunk of the PyTorch path, one stripe of the stripes backward):
+# 16 MiB of fp32 on CPU. On CUDA 512 MiB of fp32 S (plus 256 MiB of bf16 G): every stripe also
+# reads and writes the B x d fp32 dY (~16 B d bytes), which costs ~530 / rows of the stripe's
+# matmul time on an H100 (estimate, bench/siglip_notes.md), so B = 32k gets 4096-row stripes.
+STRIPE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}
+STRIPE_ROW_MULTIPLE = 128  # stripes of many rows start on a multiple of the matmul tile
 
 
 # ----------------------------------------------------------------------------------------
@@ -273,6 +291,37 @@ if HAS_TRITON:
                 tl.store(part_ptr + 2 * pid_r, tl.sum(sum_g_dots, axis=0) * (t * g_scale))  # dt'
                 tl.store(part_ptr + 2 * pid_r + 1, tl.sum(sum_g, axis=0) * g_scale)  # db
 
+    @triton.jit
+    def _siglip_stripe_grad_kernel(
+        dots_ptr, g_ptr, part_ptr, scale_ptr, bias_ptr, grow_ptr, gcol_ptr,
+        NR, NC, row_start, col_start,
+        HAS_GROUPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        ACC: tl.constexpr, IDX: tl.constexpr,
+    ):
+        # One tile of a stripe: G = -z sigmoid(-z S) from the <x_i, y_j> of a contiguous NR x NC
+        # buffer, written in the matmul dtype (1/B and the upstream gradient left out, as above),
+        # and the tile's sums of G <x_i, y_j> and of G for dt' and db.
+        pid_r = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        row_ok = rows < NR
+        col_ok = cols < NC
+        ok = row_ok[:, None] & col_ok[None, :]
+        offsets = rows.to(IDX)[:, None] * NC + cols.to(IDX)[None, :]
+        dots = tl.load(dots_ptr + offsets, mask=ok, other=0.0).to(ACC)
+        logits = tl.exp(tl.load(scale_ptr).to(ACC)) * dots + tl.load(bias_ptr).to(ACC)
+        row_group = rows
+        if HAS_GROUPS:
+            row_group = tl.load(grow_ptr + rows, mask=row_ok, other=0)
+        positive = _positive_pairs(rows, cols, col_ok, row_start, col_start, row_group, gcol_ptr, HAS_GROUPS)
+        sig = _sigmoid(tl.where(positive, -logits, logits))
+        dlogit = tl.where(ok, tl.where(positive, -sig, sig), 0.0)
+        tl.store(g_ptr + offsets, dlogit.to(g_ptr.dtype.element_ty), mask=ok)
+        part = part_ptr + 2 * (pid_r * tl.num_programs(1) + pid_c)
+        tl.store(part, tl.sum(tl.sum(dlogit * dots, axis=1), axis=0))
+        tl.store(part + 1, tl.sum(tl.sum(dlogit, axis=1), axis=0))
+
 
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -333,12 +382,42 @@ def _triton_block_backward(grad, x, y, logit_scale, logit_bias, row_groups, col_
     return dx, dy, d_scale, d_bias
 
 
+def _triton_stripe_grad(dots, logit_scale, logit_bias, row_groups, col_groups, start, stop, row_start, col_start,
+                        g_dtype):
+    """G (unscaled, in ``g_dtype``) for one stripe and its (sum G <x, y>, sum G), by the Triton kernel."""
+    n_rows, n_cols = dots.shape
+    block_rows, block_cols = 32, 256
+    grid = (triton.cdiv(n_rows, block_rows), triton.cdiv(n_cols, block_cols))
+    g = torch.empty(dots.shape, dtype=g_dtype, device=dots.device)
+    partials = torch.empty((grid[0] * grid[1], 2), dtype=dots.dtype, device=dots.device)
+    has_groups = row_groups is not None
+    _siglip_stripe_grad_kernel[grid](
+        dots, g, partials, logit_scale, logit_bias, row_groups[start:stop] if has_groups else dots,
+        col_groups if has_groups else dots, n_rows, n_cols, row_start + start, col_start,
+        HAS_GROUPS=has_groups, BLOCK_R=block_rows, BLOCK_C=block_cols, ACC=_acc_dtype(dots.dtype),
+        IDX=_index_dtype(dots, g), num_warps=8,
+    )
+    return g, partials.sum(dim=0)
+
+
 # ----------------------------------------------------------------------------------------
-# PyTorch path: row chunks, O(chunk * B) memory in forward and backward
+# Row stripes, O(stripe * B) memory: the PyTorch path (forward and backward) and the
+# stripes backward of the Triton path
 # ----------------------------------------------------------------------------------------
-def _torch_chunks(n_rows: int, n_cols: int):
-    step = max(1, min(n_rows, TORCH_CHUNK_ELEMENTS // max(1, n_cols)))
+def _stripes(n_rows: int, n_cols: int, device: torch.device):
+    """(start, stop) of row stripes holding about STRIPE_ELEMENTS logits each."""
+    budget = STRIPE_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
+    step = max(1, min(n_rows, budget // max(1, n_cols)))
+    if STRIPE_ROW_MULTIPLE < step < n_rows:
+        step -= step % STRIPE_ROW_MULTIPLE
     return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
+def _matmul_acc(a: torch.Tensor, b: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b accumulated and returned in ``acc_dtype``: half operands stay half (tensor cores)."""
+    if a.dtype == acc_dtype:
+        return a @ b
+    return torch.mm(a, b, out_dtype=acc_dtype)
 
 
 def _torch_positive_pairs(start, stop, n_cols, row_groups, col_groups, row_start, col_start, device):
@@ -353,7 +432,7 @@ def _torch_block_forward(x, y, logit_scale, logit_bias, row_groups, col_groups, 
     t, b = logit_scale.to(dtype).exp(), logit_bias.to(dtype)
     y_c = y.to(dtype)
     total = torch.zeros((), dtype=dtype, device=x.device)
-    for start, stop in _torch_chunks(x.shape[0], y.shape[0]):
+    for start, stop in _stripes(x.shape[0], y.shape[0], x.device):
         logits = x[start:stop].to(dtype) @ y_c.T * t + b
         positive = _torch_positive_pairs(start, stop, y.shape[0], row_groups, col_groups, row_start, col_start,
                                          x.device)
@@ -361,29 +440,44 @@ def _torch_block_forward(x, y, logit_scale, logit_bias, row_groups, col_groups, 
     return total * loss_scale
 
 
-def _torch_block_backward(grad, x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start,
-                          loss_scale):
-    dtype = _compute_dtype(x.dtype)
-    t, b = logit_scale.to(dtype).exp(), logit_bias.to(dtype)
-    g_scale = grad.to(dtype) * loss_scale
-    y_c = y.to(dtype)
-    dx = torch.empty(x.shape, dtype=dtype, device=x.device)
-    dy = torch.zeros(y.shape, dtype=dtype, device=x.device)
-    sum_g_dots = torch.zeros((), dtype=dtype, device=x.device)
-    sum_g = torch.zeros((), dtype=dtype, device=x.device)
-    for start, stop in _torch_chunks(x.shape[0], y.shape[0]):
-        x_c = x[start:stop].to(dtype)
-        dots = x_c @ y_c.T
-        logits = dots * t + b
-        positive = _torch_positive_pairs(start, stop, y.shape[0], row_groups, col_groups, row_start, col_start,
-                                         x.device)
-        sig = torch.sigmoid(torch.where(positive, -logits, logits))
-        dlogit = torch.where(positive, -sig, sig) * g_scale
-        dx[start:stop] = dlogit @ y_c * t
-        dy.addmm_(dlogit.T, x_c)
-        sum_g_dots += (dlogit * dots).sum()
-        sum_g += dlogit.sum()
-    return dx, dy * t, (sum_g_dots * t).to(logit_scale.dtype), sum_g.to(logit_bias.dtype)
+def _torch_stripe_grad(dots, logit_scale, logit_bias, row_groups, col_groups, start, stop, row_start, col_start,
+                       g_dtype):
+    """G (unscaled, in ``g_dtype``) for one stripe and its (sum G <x, y>, sum G), in torch ops."""
+    logits = dots * logit_scale.to(dots.dtype).exp() + logit_bias.to(dots.dtype)
+    positive = _torch_positive_pairs(start, stop, dots.shape[1], row_groups, col_groups, row_start, col_start,
+                                     dots.device)
+    sig = torch.sigmoid(torch.where(positive, -logits, logits))
+    dlogit = torch.where(positive, -sig, sig)
+    return dlogit.to(g_dtype), torch.stack([(dlogit * dots).sum(), dlogit.sum()])
+
+
+def _stripes_block_backward(grad, x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start,
+                            loss_scale, stripe_grad=_torch_stripe_grad):
+    """dX = t G Y, dY = t G^T X by row stripes: per stripe S = X_s Y^T once, G from S, then
+    dX_s = G Y and dY += G^T X_s (fixed stripe order), all accumulated in float32 (float64).
+
+    On CUDA the products take the input dtype (tensor cores, fp32 accumulation and output) and
+    G is cast to it, as the fused kernel does; on CPU everything runs in the compute dtype.
+    1/B, t and the upstream gradient are applied to the sums, so fp16 G cannot underflow.
+    """
+    acc = _compute_dtype(x.dtype)
+    mm_dtype = x.dtype if x.is_cuda else acc
+    x_m, y_m = x.to(mm_dtype), y.to(mm_dtype)
+    dx = torch.empty(x.shape, dtype=acc, device=x.device)
+    dy = torch.zeros(y.shape, dtype=acc, device=x.device)
+    sums = torch.zeros(2, dtype=acc, device=x.device)  # sum G <x, y>, sum G
+    for start, stop in _stripes(x.shape[0], y.shape[0], x.device):
+        x_s = x_m[start:stop]
+        dots = _matmul_acc(x_s, y_m.T, acc)
+        g, stripe_sums = stripe_grad(dots, logit_scale, logit_bias, row_groups, col_groups, start, stop,
+                                     row_start, col_start, mm_dtype)
+        dx[start:stop] = _matmul_acc(g, y_m, acc)
+        dy += _matmul_acc(g.T, x_s, acc)
+        sums += stripe_sums
+    g_scale = grad.to(acc) * loss_scale
+    t_g_scale = logit_scale.to(acc).exp() * g_scale
+    return (dx.mul_(t_g_scale), dy.mul_(t_g_scale), (sums[0] * t_g_scale).to(logit_scale.dtype),
+            (sums[1] * g_scale).to(logit_bias.dtype))
 
 
 # ----------------------------------------------------------------------------------------
@@ -406,14 +500,16 @@ def _(x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_star
 def _siglip_loss_backward_op(
     grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
     row_groups: torch.Tensor | None, col_groups: torch.Tensor | None, row_start: int, col_start: int,
-    loss_scale: float,
+    loss_scale: float, backward_impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _triton_block_backward(grad, x, y, logit_scale, logit_bias, row_groups, col_groups, row_start,
-                                  col_start, loss_scale)
+    args = (grad, x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start, loss_scale)
+    if backward_impl == "stripes":
+        return _stripes_block_backward(*args, stripe_grad=_triton_stripe_grad)
+    return _triton_block_backward(*args)
 
 
 @_siglip_loss_backward_op.register_fake
-def _(grad, x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start, loss_scale):
+def _(grad, x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start, loss_scale, backward_impl):
     dtype = _compute_dtype(x.dtype)
     return (x.new_empty(x.shape, dtype=dtype), y.new_empty(y.shape, dtype=dtype),
             torch.empty_like(logit_scale), torch.empty_like(logit_bias))
@@ -427,8 +523,9 @@ def _forward_flops(x_shape, y_shape, *args, out_shape=None, **kwargs) -> int:
 
 @torch.utils.flop_counter.register_flop_formula(torch.ops.dcformer_kernels.siglip_loss_backward)
 def _backward_flops(grad_shape, x_shape, y_shape, *args, out_shape=None, **kwargs) -> int:
-    """4*B_x*B_y*d: dX = t G Y and dY = t G^T X, as for a matmul's backward. The kernels also
-    recompute S (2*B_x*B_y*d per pass and per output-feature block), which is not model work."""
+    """4*B_x*B_y*d: dX = t G Y and dY = t G^T X, as for a matmul's backward, for either
+    backward_impl. Both also recompute S, which is not model work: the stripes once
+    (2*B_x*B_y*d), the fused passes once per output-feature block and pass."""
     return 4 * x_shape[0] * y_shape[0] * x_shape[1]
 
 
@@ -442,11 +539,26 @@ def _block_forward(backend: str, *args) -> torch.Tensor:
     return _torch_block_forward(*args)
 
 
-def _block_backward(backend: str, grad, *args):
+def _block_backward(backend: str, backward_impl: str, grad, *args):
     """(dx, dy) in float32/float64 and (d logit_scale, d logit_bias) for one block."""
     if backend == "triton":
-        return torch.ops.dcformer_kernels.siglip_loss_backward(grad, *args)
-    return _torch_block_backward(grad, *args)
+        return torch.ops.dcformer_kernels.siglip_loss_backward(grad, *args, backward_impl)
+    return _stripes_block_backward(grad, *args)
+
+
+def resolve_backward_impl(backward_impl: str, backend: str, dim: int) -> str:
+    """Map ``backward_impl`` ("auto" | "fused" | "stripes") to the backward that runs.
+
+    The PyTorch backend has only the stripes form. On the Triton backend "auto" keeps the
+    fused row/column kernels up to d = FUSED_BACKWARD_MAX_DIM and takes the stripes above.
+    """
+    if backward_impl not in BACKWARD_IMPLS:
+        raise ValueError(f"backward_impl must be one of {BACKWARD_IMPLS}; got {backward_impl!r}")
+    if backend == "torch":
+        return "stripes"
+    if backward_impl == "auto":
+        return "stripes" if dim > FUSED_BACKWARD_MAX_DIM else "fused"
+    return backward_impl
 
 
 class SigLIPLossFunction(torch.autograd.Function):
@@ -460,25 +572,26 @@ class SigLIPLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start, loss_scale,
-                backend):
+                backend, backward_impl):
         if col_groups is None:
             col_groups = row_groups
         ctx.save_for_backward(x, y, logit_scale, logit_bias, row_groups, col_groups)
         ctx.pairs = (row_start, col_start, loss_scale)
-        ctx.backend = backend
+        ctx.backend, ctx.backward_impl = backend, backward_impl
         return _block_forward(backend, x, y, logit_scale, logit_bias, row_groups, col_groups,
                               row_start, col_start, loss_scale)
 
     @staticmethod
     def backward(ctx, grad):
         x, y, logit_scale, logit_bias, row_groups, col_groups = ctx.saved_tensors
-        dx, dy, d_scale, d_bias = _block_backward(ctx.backend, grad, x, y, logit_scale, logit_bias,
-                                                  row_groups, col_groups, *ctx.pairs)
-        return dx.to(x.dtype), dy.to(y.dtype), d_scale, d_bias, None, None, None, None, None, None
+        dx, dy, d_scale, d_bias = _block_backward(ctx.backend, ctx.backward_impl, grad, x, y, logit_scale,
+                                                  logit_bias, row_groups, col_groups, *ctx.pairs)
+        return dx.to(x.dtype), dy.to(y.dtype), d_scale, d_bias, None, None, None, None, None, None, None
 
 
 def siglip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
-                group_ids: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+                group_ids: torch.Tensor | None = None, backend: str = "auto",
+                backward_impl: str = "auto") -> torch.Tensor:
     """SigLIP pairwise-sigmoid loss, fused: no B x B matrix is materialised.
 
         L = -(1/B) sum_i sum_j log sigmoid(z_ij * (exp(logit_scale) * <x_i, y_j> + logit_bias))
@@ -494,6 +607,11 @@ def siglip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, log
             (z_ij = +1). Without it the positives are the diagonal i == j.
         backend: "auto" (Triton on CUDA, the chunked PyTorch path on CPU unless
             TRITON_INTERPRET=1), "triton" or "torch".
+        backward_impl: the Triton backend's backward. "fused": row and column kernels that
+            recompute logit tiles (fast for d <= 256, 7-10x the model FLOPs above). "stripes":
+            row stripes of at most 512 MiB of fp32 logits, S and G computed once per stripe and
+            the products on cuBLAS (6 B^2 d FLOPs). "auto": fused up to d = 256, stripes
+            above. The PyTorch backend always runs the stripes.
 
     Returns:
         0-dim loss, float32 (float64 for float64 inputs); products accumulate in float32 (fp64).
@@ -501,8 +619,14 @@ def siglip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, log
     """
     check_siglip_args(x, y, logit_scale, logit_bias, group_ids)
     backend = resolve_backend(backend, x.device)
-    return SigLIPLossFunction.apply(x, y, logit_scale, logit_bias, group_ids, None, 0, 0, 1.0 / x.shape[0],
-                                    backend)
+    backward_impl = resolve_backward_impl(backward_impl, backend, x.shape[1])
+    return SigLIPLossFunction.apply(x, y, logit_scale, logit_bias, _unit_stride(group_ids), None, 0, 0,
+                                    1.0 / x.shape[0], backend, backward_impl)
+
+
+def _unit_stride(group_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels index group ids with stride 1."""
+    return None if group_ids is None else group_ids.contiguous()
 
 
 # ----------------------------------------------------------------------------------------
@@ -551,20 +675,24 @@ class _GatherRows(torch.autograd.Function):
 
 
 def siglip_loss_gather(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
-                       group_ids: torch.Tensor | None = None, group=None, backend: str = "auto") -> torch.Tensor:
+                       group_ids: torch.Tensor | None = None, group=None, backend: str = "auto",
+                       backward_impl: str = "auto") -> torch.Tensor:
     """Distributed SigLIP loss, all-gather form: local rows of x against every rank's y.
 
-    Holds the gathered B x d text embeddings on every rank; the logits exist only as tiles.
+    Holds the gathered B x d text embeddings on every rank; the logits exist only as tiles
+    (or, with the stripes backward, as row stripes of the local rows against all B columns).
     Returns world_size * this rank's share of the global loss (see the convention above).
     """
     check_siglip_args(x, y, logit_scale, logit_bias, group_ids)
     _, rank = _world(group)
     backend = resolve_backend(backend, x.device)
+    backward_impl = resolve_backward_impl(backward_impl, backend, x.shape[1])
     n_local = x.shape[0]
+    group_ids = _unit_stride(group_ids)
     y_all = _GatherRows.apply(y, group)
     groups_all = None if group_ids is None else _gather_rows_no_grad(group_ids, group)
     return SigLIPLossFunction.apply(x, y_all, logit_scale, logit_bias, group_ids, groups_all,
-                                    rank * n_local, 0, 1.0 / n_local, backend)
+                                    rank * n_local, 0, 1.0 / n_local, backend, backward_impl)
 
 
 def _start_shift(tensors, group, tag):
@@ -595,11 +723,11 @@ class _RingSigLIPFunction(torch.autograd.Function):
     Saves only the local x, y: O(B_local * d) memory, no rank holds global logits."""
 
     @staticmethod
-    def forward(ctx, x, y, logit_scale, logit_bias, group_ids, group, backend):
+    def forward(ctx, x, y, logit_scale, logit_bias, group_ids, group, backend, backward_impl):
         _, rank = _world(group)
         y = y.contiguous()
         ctx.save_for_backward(x, y, logit_scale, logit_bias, group_ids)
-        ctx.group, ctx.backend = group, backend
+        ctx.group, ctx.backend, ctx.backward_impl = group, backend, backward_impl
         total = None
         for y_block, g_block, owner in _ring_blocks(y, group_ids, group):
             part = _block_forward(backend, x, y_block, logit_scale, logit_bias, group_ids, g_block,
@@ -613,16 +741,16 @@ class _RingSigLIPFunction(torch.autograd.Function):
         world, rank = _world(ctx.group)
         dx = d_scale = d_bias = dy_block = None
         for y_block, g_block, owner in _ring_blocks(y, group_ids, ctx.group):
-            dx_k, dy_k, ds_k, db_k = _block_backward(ctx.backend, grad, x, y_block, logit_scale, logit_bias,
-                                                     group_ids, g_block, rank * x.shape[0], owner * y.shape[0],
-                                                     1.0 / x.shape[0])
+            dx_k, dy_k, ds_k, db_k = _block_backward(ctx.backend, ctx.backward_impl, grad, x, y_block,
+                                                     logit_scale, logit_bias, group_ids, g_block,
+                                                     rank * x.shape[0], owner * y.shape[0], 1.0 / x.shape[0])
             if dx is None:
                 dx, d_scale, d_bias, dy_block = dx_k, ds_k, db_k, dy_k
             else:
                 dx, d_scale, d_bias, dy_block = dx + dx_k, d_scale + ds_k, d_bias + db_k, dy_block + dy_k
             if world > 1:  # the gradient follows its block; after the last step it reaches the owner
                 (dy_block,) = _finish_shift(_start_shift([dy_block], ctx.group, _GRAD_TAG))
-        return dx.to(x.dtype), dy_block.to(y.dtype), d_scale, d_bias, None, None, None
+        return dx.to(x.dtype), dy_block.to(y.dtype), d_scale, d_bias, None, None, None, None
 
 
 def _ring_blocks(y, group_ids, group):
@@ -641,7 +769,8 @@ def _ring_blocks(y, group_ids, group):
 
 
 def siglip_loss_ring(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
-                     group_ids: torch.Tensor | None = None, group=None, backend: str = "auto") -> torch.Tensor:
+                     group_ids: torch.Tensor | None = None, group=None, backend: str = "auto",
+                     backward_impl: str = "auto") -> torch.Tensor:
     """Distributed SigLIP loss, ring form (the paper's): text blocks pass neighbour to neighbour.
 
     Positives lie in the rank's own block only (or wherever group ids match). Returns
@@ -650,7 +779,9 @@ def siglip_loss_ring(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor
     check_siglip_args(x, y, logit_scale, logit_bias, group_ids)
     _world(group)
     backend = resolve_backend(backend, x.device)
-    return _RingSigLIPFunction.apply(x, y, logit_scale, logit_bias, group_ids, group, backend)
+    backward_impl = resolve_backward_impl(backward_impl, backend, x.shape[1])
+    return _RingSigLIPFunction.apply(x, y, logit_scale, logit_bias, _unit_stride(group_ids), group, backend,
+                                     backward_impl)
 
 
 class SigLIPLoss(nn.Module):
@@ -665,13 +796,18 @@ class SigLIPLoss(nn.Module):
             gradient averaging reproduces the single-process gradients).
         backend: "auto", "triton" or "torch", as for ``siglip_loss``.
         process_group: the torch.distributed group for the "gather"/"ring" modes (None: world).
+        backward_impl: "auto", "fused" or "stripes", as for ``siglip_loss`` (an attribute:
+            it may be changed between steps).
     """
 
     def __init__(self, init_logit_scale: float = math.log(10.0), init_logit_bias: float = -10.0,
-                 learnable: bool = True, dist_impl: str | None = None, backend: str = "auto", process_group=None):
+                 learnable: bool = True, dist_impl: str | None = None, backend: str = "auto", process_group=None,
+                 backward_impl: str = "auto"):
         super().__init__()
         if dist_impl not in DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {DIST_IMPLS}; got {dist_impl!r}")
+        if backward_impl not in BACKWARD_IMPLS:
+            raise ValueError(f"backward_impl must be one of {BACKWARD_IMPLS}; got {backward_impl!r}")
         scale = torch.tensor(float(init_logit_scale))
         bias = torch.tensor(float(init_logit_bias))
         if learnable:
@@ -682,14 +818,16 @@ class SigLIPLoss(nn.Module):
         self.dist_impl = dist_impl
         self.backend = backend
         self.process_group = process_group
+        self.backward_impl = backward_impl
 
     def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor,
                 group_ids: torch.Tensor | None = None) -> torch.Tensor:
         if self.dist_impl is None:
-            return siglip_loss(image_emb, text_emb, self.logit_scale, self.logit_bias, group_ids, self.backend)
+            return siglip_loss(image_emb, text_emb, self.logit_scale, self.logit_bias, group_ids, self.backend,
+                               self.backward_impl)
         loss_fn = siglip_loss_gather if self.dist_impl == "gather" else siglip_loss_ring
         return loss_fn(image_emb, text_emb, self.logit_scale, self.logit_bias, group_ids, self.process_group,
-                       self.backend)
+                       self.backend, self.backward_impl)
 
     def extra_repr(self) -> str:
-        return f"dist_impl={self.dist_impl!r}, backend={self.backend!r}"
+        return f"dist_impl={self.dist_impl!r}, backend={self.backend!r}, backward_impl={self.backward_impl!r}"

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from med3dvlm.models.dca import (ChannelCrossAttention, DualCrossAttention, SpatialCrossAttention,
                                  resize_to)
@@ -144,7 +145,8 @@ def test_gradients_reach_every_parameter_and_every_skip(seed, spatial_dims):
 
 def test_attention_memory_guard_states_the_figure():
     # 3D grid of 16x32x32 = 16384 tokens: 1 * 4 * 4 * 16384^2 * 4 bytes = 16 GiB per sample.
-    with pytest.raises(ValueError, match=r"N = 16384 tokens.*17,179,869,184 bytes \(16\.00 GiB\) per sample.*max_attention_bytes = 1,073,741,824"):
+    with pytest.raises(ValueError, match=r"N = 16384 tokens.*17,179,869,184 bytes \(16\.00 GiB\) per sample"
+                                         r".*max_attention_bytes = 1,073,741,824"):
         DualCrossAttention(3, PAPER_CHANNELS, (16, 32, 32))
     # the default limit (1 GiB) admits the paper's 2D grid, 28x28
     dca = DualCrossAttention(2, PAPER_CHANNELS, 28)
@@ -153,6 +155,25 @@ def test_attention_memory_guard_states_the_figure():
     with pytest.raises(ValueError, match="max_attention_bytes"):
         DualCrossAttention(2, PAPER_CHANNELS, 28, max_attention_bytes=10**6)
     DualCrossAttention(3, PAPER_CHANNELS, (16, 32, 32), max_attention_bytes=None)
+
+
+@pytest.mark.parametrize("n_blocks", [1, 2])
+def test_attention_bytes_is_what_autograd_keeps_of_the_n_by_n_maps(seed, n_blocks):
+    # N = 7 * 5 = 35 matches no other axis here (C_sum / heads = 30), so every saved tensor
+    # ending in (35, 35) is a spatial attention map.
+    dca = DualCrossAttention(2, [8, 16, 32, 64], (7, 5), n_blocks=n_blocks)
+    skips = [torch.randn(3, c, 56 // 2**i, 40 // 2**i, requires_grad=True) for i, c in enumerate([8, 16, 32, 64])]
+    saved = {}
+
+    def pack(t):
+        if t.dim() >= 2 and t.shape[-2:] == (35, 35):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with sdpa_kernel(SDPBackend.MATH), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        dca(skips)
+    assert len(saved) == n_blocks * 4
+    assert sum(saved.values()) == 3 * dca.attention_bytes((7, 5))  # batch of 3
 
 
 def test_attention_memory_guard_applies_to_an_automatic_grid():
@@ -203,3 +224,6 @@ def test_resize_to_gives_the_exact_size_and_commutes_with_a_1x1_conv(seed):
     assert resize_to(t, (7, 13, 9)).shape[2:] == (7, 13, 9)
     torch.testing.assert_close(resize_to(conv(t), (7, 13, 9)), conv(resize_to(t, (7, 13, 9))))
     assert math.isclose(float(resize_to(torch.ones(1, 1, 2, 3), (5, 7)).mean()), 1.0)
+    # corners aligned, as the official module's nn.Upsample(align_corners=True)
+    up = resize_to(t, (7, 13, 9))
+    torch.testing.assert_close(up[..., ::3, ::3, ::8], t[..., :, :, ::3])

@@ -4,6 +4,11 @@ Triton kernels run under the interpreter (conftest sets TRITON_INTERPRET=1). Int
 are 32 rows x 32 columns x 16 features with 32 gradient features per program, so B = 100 gives
 four row blocks (the last partial) and two column ranges per row block in the forward, and
 d = 40 gives partial feature steps and two gradient-feature blocks in the backward.
+
+Every backward runs as (backend, backward_impl): the Triton fused kernels, the Triton stripes
+(matmuls plus the elementwise kernel) and the PyTorch path (the stripes in torch ops). The
+reference comparisons run with CPU stripes of 1500 logits (fixture ``small_stripes``), so
+B = 100 runs as six stripes of 15 rows and one of 10.
 """
 import math
 
@@ -15,7 +20,14 @@ from torch.utils.flop_counter import FlopCounterMode
 import dcformer_kernels.siglip as siglip_mod
 from dcformer_kernels import SigLIPLoss, siglip_loss, siglip_loss_reference
 
-BACKENDS = ("triton", "torch")
+IMPLS = {"fused": ("triton", "fused"), "stripes": ("triton", "stripes"), "torch": ("torch", "stripes")}
+SMALL_STRIPE_ELEMENTS = 1500
+
+
+@pytest.fixture
+def small_stripes(monkeypatch):
+    """Several stripes per call, the last one partial, at the small test batches."""
+    monkeypatch.setitem(siglip_mod.STRIPE_ELEMENTS, "cpu", SMALL_STRIPE_ELEMENTS)
 
 
 def _embeddings(batch, dim, dtype=torch.float32, device="cpu", norm=1.0, gen_seed=0):
@@ -69,36 +81,43 @@ def _case_inputs(name, dtype=torch.float32):
         assert not x.is_contiguous() and not y.is_contiguous()
     group_ids = None
     if group_dtype is not None:
-        group_ids = torch.randint(0, batch // 3, (batch,), generator=torch.Generator().manual_seed(1),
+        group_ids = torch.randint(0, batch // 3, (2 * batch,), generator=torch.Generator().manual_seed(1),
                                   dtype=group_dtype)
+        group_ids = group_ids[::2] if strided else group_ids[:batch]
     return x.to(dtype), y.to(dtype), *_params(scale, bias), group_ids
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.usefixtures("small_stripes")
+@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_reference_fp32(case, backend):
+def test_matches_reference_fp32(case, impl):
     x, y, scale, bias, group_ids = _case_inputs(case)
-    got = _loss_and_grads(siglip_loss, x, y, scale, bias, group_ids, backend=backend)
+    backend, backward_impl = IMPLS[impl]
+    got = _loss_and_grads(siglip_loss, x, y, scale, bias, group_ids, backend=backend, backward_impl=backward_impl)
     want = _loss_and_grads(siglip_loss_reference, x, y, scale, bias, group_ids)
     _assert_matches(got, want, rtol=2e-5, atol_rel=2e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_reference_fp64(backend):
+@pytest.mark.usefixtures("small_stripes")
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_matches_reference_fp64(impl):
     x, y, scale, bias, group_ids = _case_inputs("groups_int64")
     x, y = x.double(), y.double()
     scale, bias = _params(1.7, -4.0, torch.float64)
-    got = _loss_and_grads(siglip_loss, x, y, scale, bias, group_ids, backend=backend)
+    backend, backward_impl = IMPLS[impl]
+    got = _loss_and_grads(siglip_loss, x, y, scale, bias, group_ids, backend=backend, backward_impl=backward_impl)
     want = _loss_and_grads(siglip_loss_reference, x, y, scale, bias, group_ids)
     _assert_matches(got, want, rtol=1e-11, atol_rel=1e-12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_reference_fp16(backend):
+@pytest.mark.usefixtures("small_stripes")
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_matches_reference_fp16(impl):
     """Half inputs: products accumulate in fp32 (fp16 products in the interpreter), loss in fp32."""
     x, y, scale, bias, _ = _case_inputs("diag")
     x, y = x.half(), y.half()
-    got = _loss_and_grads(siglip_loss, x, y, scale, bias, backend=backend)
+    backend, backward_impl = IMPLS[impl]
+    got = _loss_and_grads(siglip_loss, x, y, scale, bias, backend=backend, backward_impl=backward_impl)
     want = _loss_and_grads(siglip_loss_reference, x, y, scale, bias)
     assert got[0].dtype == torch.float32
     _assert_matches(got, want, rtol=1e-2, atol_rel=1e-2)
@@ -117,15 +136,18 @@ def test_large_batch_torch_and_kernel_forward():
     torch.testing.assert_close(loss, want[0], rtol=2e-5, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("batch,grouped,fast", [(9, False, False), (9, True, False), (40, True, True)])
-def test_gradcheck_fp64(batch, grouped, fast, backend):
+def test_gradcheck_fp64(batch, grouped, fast, impl, monkeypatch):
+    monkeypatch.setitem(siglip_mod.STRIPE_ELEMENTS, "cpu", 4 * batch)  # stripes of 4 rows, the last partial
     x, y = _embeddings(batch, 5, torch.float64, norm=2.0)
     scale, bias = _params(0.7, -1.5, torch.float64)
     group_ids = torch.tensor([i % 4 for i in range(batch)]) if grouped else None
     inputs = (x.requires_grad_(), y.requires_grad_(), scale, bias)
+    backend, backward_impl = IMPLS[impl]
     assert torch.autograd.gradcheck(
-        lambda a, b, s, c: siglip_loss(a, b, s, c, group_ids, backend=backend), inputs, fast_mode=fast)
+        lambda a, b, s, c: siglip_loss(a, b, s, c, group_ids, backend=backend, backward_impl=backward_impl),
+        inputs, fast_mode=fast)
 
 
 def test_init_value_matches_mean_field():
@@ -153,37 +175,81 @@ def test_init_value_matches_mean_field():
     assert abs(SigLIPLoss(backend="torch")(x, y).item() - loss.item()) < 1e-5
 
 
-def test_backward_bitwise_deterministic():
-    """Partial sums are written per program and reduced in a fixed order: reruns are
-    bitwise equal (a partial slot left unwritten, or an atomic, would show here on GPU)."""
+@pytest.mark.usefixtures("small_stripes")
+@pytest.mark.parametrize("backward_impl", ["fused", "stripes"])
+def test_backward_bitwise_deterministic(backward_impl):
+    """Partial sums are written per program (per stripe) and reduced in a fixed order: reruns
+    are bitwise equal (a partial slot left unwritten, or an atomic, would show here on GPU)."""
     x, y, scale, bias, group_ids = _case_inputs("groups_int64")
-    first = _loss_and_grads(siglip_loss, x, y, scale, bias, group_ids, backend="triton")
-    second = _loss_and_grads(siglip_loss, x, y, scale, bias, group_ids, backend="triton")
+    first = _loss_and_grads(siglip_loss, x, y, scale, bias, group_ids, backend="triton", backward_impl=backward_impl)
+    second = _loss_and_grads(siglip_loss, x, y, scale, bias, group_ids, backend="triton",
+                             backward_impl=backward_impl)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
 
+@pytest.mark.usefixtures("small_stripes")
+@pytest.mark.parametrize("backward_impl", ["fused", "stripes"])
 @pytest.mark.parametrize("grouped", [False, True])
-def test_torch_compile_fullgraph(grouped):
+def test_torch_compile_fullgraph(grouped, backward_impl):
     x, y, scale, bias, group_ids = _case_inputs("groups_int64" if grouped else "diag")
-    compiled = torch.compile(lambda a, b, s, c, g: siglip_loss(a, b, s, c, g, backend="triton"),
-                             fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(
+        lambda a, b, s, c, g: siglip_loss(a, b, s, c, g, backend="triton", backward_impl=backward_impl),
+        fullgraph=True, backend="aot_eager")
     got = _loss_and_grads(compiled, x, y, scale, bias, group_ids)
-    want = _loss_and_grads(siglip_loss, x, y, scale, bias, group_ids, backend="triton")
+    want = _loss_and_grads(siglip_loss, x, y, scale, bias, group_ids, backend="triton", backward_impl=backward_impl)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_flop_counter():
+@pytest.mark.parametrize("backward_impl", ["fused", "stripes"])
+def test_flop_counter(backward_impl):
+    """Model FLOPs for either backward; the stripes' inner matmuls are not counted again."""
     batch, dim = 50, 24
     x, y = _embeddings(batch, dim)
     scale, bias = _params(1.0, -2.0)
     x.requires_grad_()
     with FlopCounterMode(display=False) as counter:
-        siglip_loss(x, y, scale, bias, backend="triton").backward()
+        siglip_loss(x, y, scale, bias, backend="triton", backward_impl=backward_impl).backward()
     flops = counter.get_flop_counts()["Global"]
     assert flops[torch.ops.dcformer_kernels.siglip_loss] == 2 * batch * batch * dim
     assert flops[torch.ops.dcformer_kernels.siglip_loss_backward] == 4 * batch * batch * dim
+    assert counter.get_total_flops() == 6 * batch * batch * dim
+
+
+def test_backward_impl_selection(monkeypatch):
+    """"auto" keeps the fused kernels up to d = 256 and takes the stripes above; the PyTorch
+    backend has only the stripes; anything else is refused by name."""
+    resolve = siglip_mod.resolve_backward_impl
+    assert resolve("auto", "triton", 256) == "fused"
+    assert resolve("auto", "triton", 257) == "stripes"
+    assert resolve("fused", "triton", 1152) == "fused"
+    assert resolve("stripes", "triton", 64) == "stripes"
+    assert resolve("fused", "torch", 64) == "stripes"
+    x, y, scale, bias, _ = _case_inputs("diag")
+    with pytest.raises(ValueError, match=r"backward_impl must be one of \('auto', 'fused', 'stripes'\); got 'rows'"):
+        siglip_loss(x, y, scale, bias, backward_impl="rows")
+    with pytest.raises(ValueError, match="backward_impl must be one of"):
+        SigLIPLoss(backward_impl="rows")
+    seen = []
+    monkeypatch.setattr(siglip_mod, "_block_backward", lambda backend, impl, *args: seen.append(impl) or
+                        siglip_mod._stripes_block_backward(*args))
+    module = SigLIPLoss(backend="triton", backward_impl="stripes")
+    module(x, y).backward()
+    module.backward_impl = "auto"  # d = 40: the fused kernels
+    module(x, y).backward()
+    assert seen == ["stripes", "fused"]
+
+
+@pytest.mark.parametrize("batch,rows", [(1000, 1000), (32768, 4096), (65536, 2048), (100_000, 1280),
+                                        (600_000, 128), (1_200_000, 111)])
+def test_cuda_stripes_are_bounded_and_tile_aligned(batch, rows):
+    """CUDA stripes hold at most 2^27 logits (512 MiB fp32) and, when they can hold 128 rows or
+    more, a multiple of 128 of them."""
+    stripes = siglip_mod._stripes(batch, batch, torch.device("cuda"))
+    assert stripes[0] == (0, rows)
+    assert all(stop - start == rows for start, stop in stripes[:-1]) and stripes[-1][1] == batch
+    assert rows * batch <= siglip_mod.STRIPE_ELEMENTS["cuda"]
 
 
 def _peak_cpu_bytes(fn) -> int:
@@ -205,7 +271,7 @@ def test_chunked_path_memory_is_linear_in_batch(monkeypatch):
     dim, chunk = 32, 64
     peaks = {}
     for batch in (1024, 2048):
-        monkeypatch.setattr(siglip_mod, "TORCH_CHUNK_ELEMENTS", chunk * batch)
+        monkeypatch.setitem(siglip_mod.STRIPE_ELEMENTS, "cpu", chunk * batch)
         x, y = _embeddings(batch, dim)
         scale, bias = _params(math.log(10.0), -10.0)
         for name, fn in (("chunked", lambda: siglip_loss(x, y, scale, bias, backend="torch")),
@@ -221,12 +287,14 @@ def test_chunked_path_memory_is_linear_in_batch(monkeypatch):
     assert peaks["dense", 2048] > 3.5 * peaks["dense", 1024], peaks
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_propagates_like_reference(backend):
+@pytest.mark.usefixtures("small_stripes")
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_nan_propagates_like_reference(impl):
     x, y, scale, bias, _ = _case_inputs("diag")
     x = x.clone()
     x[7, 3] = float("nan")
-    got = _loss_and_grads(siglip_loss, x, y, scale, bias, backend=backend)
+    backend, backward_impl = IMPLS[impl]
+    got = _loss_and_grads(siglip_loss, x, y, scale, bias, backend=backend, backward_impl=backward_impl)
     want = _loss_and_grads(siglip_loss_reference, x, y, scale, bias)
     for g, w in zip(got, want):
         assert torch.equal(torch.isnan(g), torch.isnan(w))
@@ -312,11 +380,33 @@ def test_gpu_tf32_only_when_allowed(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backward_impl", ["fused", "stripes"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_backward_bitwise_deterministic(dtype):
+def test_gpu_backward_bitwise_deterministic(dtype, backward_impl, monkeypatch):
+    monkeypatch.setitem(siglip_mod.STRIPE_ELEMENTS, "cuda", 1024 * 3000)  # three stripes
     x, y = _embeddings(3000, 384, dtype, "cuda")
     scale, bias = _params(math.log(10.0), -10.0, device="cuda")
-    first = _loss_and_grads(siglip_loss, x, y, scale, bias, backend="triton")
-    second = _loss_and_grads(siglip_loss, x, y, scale, bias, backend="triton")
+    first = _loss_and_grads(siglip_loss, x, y, scale, bias, backend="triton", backward_impl=backward_impl)
+    second = _loss_and_grads(siglip_loss, x, y, scale, bias, backend="triton", backward_impl=backward_impl)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch,dim,grouped", [(4099, 768, False), (4099, 1000, True)])
+def test_gpu_stripes_match_fused_and_reference(dtype, batch, dim, grouped, monkeypatch):
+    """Stripes of 1024 rows (four and a partial one of 3) on cuBLAS against the fused kernels
+    and the dense reference; bf16 products accumulate in fp32 in both."""
+    monkeypatch.setitem(siglip_mod.STRIPE_ELEMENTS, "cuda", 1024 * batch)
+    x, y = _embeddings(batch, dim, dtype, "cuda")
+    scale, bias = _params(math.log(10.0), -5.0, device="cuda")
+    group_ids = (torch.arange(batch, device="cuda") // 3) if grouped else None
+    want = _loss_and_grads(siglip_loss_reference, x, y, scale, bias, group_ids)
+    for backward_impl in ("stripes", "fused"):
+        got = _loss_and_grads(siglip_loss, x, y, scale, bias, group_ids, backend="triton",
+                              backward_impl=backward_impl)
+        _assert_matches(got, want, *GPU_TOLERANCES[dtype])
+    # The PyTorch path on CUDA runs the same stripes with the elementwise step in torch ops.
+    torch_path = _loss_and_grads(siglip_loss, x, y, scale, bias, group_ids, backend="torch")
+    _assert_matches(torch_path, want, *GPU_TOLERANCES[dtype])

@@ -11,15 +11,15 @@ The L encoder maps E_i (C_i channels each) pass through, top-down as in the pape
    BatchNorm, ReLU.
 
 Memory: SCA forms an N × N attention map per head and per scale. Where it is materialised (the
-unfused math path of ``F.scaled_dot_product_attention``, which CPUs use), autograd keeps the
-softmax for backward, so one sample holds
+unfused math path of ``F.scaled_dot_product_attention``, which PyTorch takes here on CPU when
+training), autograd keeps the softmax for backward, so one sample holds
 
     attention bytes = n_blocks · L · spatial_heads · N² · 4      (fp32)
 
 e.g. 39 MB for the paper's 2D setting (N = 28² = 784, L = 4, 4 heads), 268 MB for a 3D grid of
 8×16×16 = 2048 tokens, 17 GB for 16×32×32. Grids above ``max_attention_bytes`` (1 GiB per sample
-by default) raise an error stating the figure. Fused GPU kernels avoid storing the map, but the compute still grows as N².
-The CCA maps (C_i × C_Σ per scale) are small next to it.
+by default) raise an error stating the figure. Fused GPU kernels avoid storing the map, but the
+compute still grows as N². The CCA maps (C_i × C_Σ per scale) are small next to it.
 """
 from __future__ import annotations
 

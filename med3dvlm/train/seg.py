@@ -5,7 +5,7 @@ Trains any registry segmentation model (``unet2d``, ``unet2d_dca``, ``unet3d``, 
 (``med3dvlm.data.SyntheticShapes``; every training batch is new), evaluates hard Dice and IoU
 over the foreground classes on a fixed validation set, and saves ``model.safetensors`` plus
 ``config.json`` (everything ``load_checkpoint`` needs to rebuild the model, and the metrics).
-The defaults (a narrow 2D U-Net with DCA on 48×48 images, 150 steps) take about a minute on two
+The defaults (a narrow 2D U-Net with DCA on 48×48 images, 150 steps) take one to two minutes on two
 CPU cores.
 """
 from __future__ import annotations
@@ -20,18 +20,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+import med3dvlm.models  # noqa: F401  (registers the encoders)
+import med3dvlm.models.unet  # noqa: F401  (registers the segmentation networks)
 from med3dvlm.data.synthetic import SyntheticShapes
 from med3dvlm.models.registry import create_model
 from med3dvlm.train.losses import dice_ce_loss, dice_iou
 
-__all__ = ["SegTrainConfig", "train", "evaluate", "load_checkpoint", "main"]
+__all__ = ["SegTrainConfig", "train", "evaluate", "save_checkpoint", "load_checkpoint", "main"]
 
-import med3dvlm.models  # noqa: E402,F401  (registers the encoders)
-import med3dvlm.models.unet  # noqa: E402,F401  (registers the segmentation networks)
-
-
-# Widths for the ``unet*`` models when no model_args are given: fast on CPU (the registry's
-# defaults, the paper's widths, are ~60x the compute).
+# Widths for the ``unet*`` models when no model_args are given, fast on CPU: the registry's
+# defaults (the paper's widths) have 63x the parameters and 18x the FLOPs at 48x48.
 CPU_UNET_ARGS = {"channels": [8, 16, 32, 64]}
 
 
@@ -115,7 +113,7 @@ def train(config: SegTrainConfig, log=print) -> dict:
             history.append(metrics)
             log("  ".join(f"{k} {v:.4f}" if k not in ("step", "seconds") else f"{k} {v}"
                           for k, v in metrics.items()))
-    result = {"history": history, "final": history[-1] if history else {}}
+    result = {"history": history, "final": history[-1]}
     if config.out is not None:
         save_checkpoint(model, config, result, config.out)
         log(f"saved {config.out}/model.safetensors and config.json")

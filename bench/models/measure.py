@@ -1,0 +1,81 @@
+"""Timed measurements of one encoder: forward latency, training-step throughput, peak memory."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..common import Row, peak_memory, time_fn
+from .counts import resolved_path
+from .specs import Encoder
+
+__all__ = ["Job", "run_job", "DTYPES"]
+
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # bfloat16 = autocast, weights stay fp32
+
+
+@dataclass(frozen=True)
+class Job:
+    encoder: Encoder
+    dtype: str = "float32"
+    backend: str = "auto"  # DCFormer's create_model(backend=...): "auto" (fused on CUDA) or "torch"
+
+    def path(self, device: torch.device) -> str:
+        return resolved_path(self.encoder, self.backend, device)
+
+
+def _autocast(device: torch.device, dtype: str):
+    if DTYPES[dtype] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[dtype])
+
+
+def input_label(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def run_job(job: Job, input_shape: tuple[int, ...], device: torch.device, env: dict,
+            rep_ms: float = 100) -> list[Row]:
+    """Inference latency and peak memory, training-step time, throughput and peak memory."""
+    build = {"backend": job.backend} if job.encoder.is_dcformer else {}
+    torch.manual_seed(0)
+    model = job.encoder.build(**build).to(device)
+    x = torch.randn(input_shape, device=device)
+    batch = input_shape[0]
+    common = dict(model=job.encoder.label, input=input_label(input_shape), dtype=job.dtype,
+                  backend=job.path(device), env=env)
+    rows = []
+
+    def record(variant, metric, value, unit, p20="", p80=""):
+        rows.append(Row(variant=variant, metric=metric, value=value, unit=unit, p20=p20, p80=p80, **common))
+
+    model.eval()
+
+    def forward():
+        with torch.no_grad(), _autocast(device, job.dtype):
+            return model(x)
+
+    t = time_fn(forward, rep_ms=rep_ms, min_reps=5)
+    record("inference", "latency", round(t.median_ms, 3), "ms", round(t.p20_ms, 3), round(t.p80_ms, 3))
+    mib, measure = peak_memory(forward)
+    record("inference", "peak_memory", round(mib, 1), f"MiB ({measure})")
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, job.dtype):
+            loss = model(x).float().mean()
+        loss.backward()
+        optimizer.step()
+
+    t = time_fn(train_step, rep_ms=rep_ms, min_reps=5)  # its warm-up call also creates AdamW's state
+    record("training", "step_time", round(t.median_ms, 3), "ms", round(t.p20_ms, 3), round(t.p80_ms, 3))
+    # volumes/s; the 20th percentile of throughput is the 80th of time
+    record("training", "throughput", round(batch * 1e3 / t.median_ms, 3), "volumes/s",
+           round(batch * 1e3 / t.p80_ms, 3), round(batch * 1e3 / t.p20_ms, 3))
+    mib, measure = peak_memory(train_step)
+    record("training", "peak_memory", round(mib, 1), f"MiB ({measure})")
+    return rows

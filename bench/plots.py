@@ -1,0 +1,139 @@
+"""PNG plots of the model suite, made from its CSV (matplotlib, Agg backend).
+
+- ``<stem>_throughput.png``: training throughput against parameter count, one panel per dtype;
+- ``<stem>_memory.png``: peak memory of the training step per encoder and path;
+- ``<stem>_speedup.png``: DCFormer fused against unfused (only when the CSV holds such pairs).
+
+    python -m bench.plots bench/results/models_cpu.csv
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .common import read_csv  # noqa: E402
+
+__all__ = ["write_plots"]
+
+FAMILY_COLOURS = {"dcformer": "tab:red", "vit3d": "tab:blue", "convnext3d": "tab:green", "poolformer3d": "tab:purple"}
+PATH_MARKERS = {"fused": "o", "unfused": "X", "pytorch": "s"}
+
+
+def _float(text: str) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _colour(model: str) -> str:
+    return FAMILY_COLOURS.get(model.split("_")[0], "tab:gray")
+
+
+def _short(model: str) -> str:
+    return model.split("(")[0]
+
+
+def _training(rows: list[dict], metric: str) -> list[dict]:
+    return [r for r in rows if r["variant"] == "training" and r["metric"] == metric and _float(r["value"]) is not None]
+
+
+def _params(rows: list[dict]) -> dict[str, float]:
+    return {r["model"]: float(r["value"]) for r in rows if r["metric"] == "params" and r["variant"] == "eval"}
+
+
+def plot_throughput(rows: list[dict], path: Path) -> Path:
+    data = _training(rows, "throughput")
+    params = _params(rows)
+    dtypes = list(dict.fromkeys(r["dtype"] for r in data)) or ["float32"]
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6.5 * len(dtypes), 4.8), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        for r in (r for r in data if r["dtype"] == dtype and r["model"] in params):
+            x, y = params[r["model"]] / 1e6, float(r["value"])
+            ax.scatter(x, y, color=_colour(r["model"]), marker=PATH_MARKERS.get(r["backend"], "o"), s=60,
+                       edgecolor="black", linewidth=0.5, zorder=3)
+            low, high = _float(r["p20"]), _float(r["p80"])
+            if low is not None and high is not None:
+                ax.vlines(x, low, high, color=_colour(r["model"]), linewidth=1)
+            ax.annotate(f"{_short(r['model'])} ({r['backend']})", (x, y), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters (M)")
+        ax.set_ylabel("training throughput (volumes/s)")
+        inputs = ", ".join(dict.fromkeys(r["input"] for r in data if r["dtype"] == dtype))
+        ax.set_title(f"{dtype}, input {inputs}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    _legend(fig)
+    fig.suptitle(f"Training step (fwd + bwd + AdamW) — {rows[0]['device'] if rows else ''}", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_memory(rows: list[dict], path: Path) -> Path:
+    data = _training(rows, "peak_memory")
+    labels = [f"{_short(r['model'])} {r['backend']} {r['dtype']}" for r in data]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * max(len(data), 4) + 1.2))
+    ax.barh(range(len(data)), [float(r["value"]) for r in data], color=[_colour(r["model"]) for r in data])
+    ax.set_yticks(range(len(data)), labels, fontsize=7)
+    ax.invert_yaxis()
+    unit = data[0]["unit"] if data else "MiB"
+    ax.set_xlabel(f"training-step peak memory, {unit}", fontsize=8)
+    inputs = ", ".join(dict.fromkeys(r["input"] for r in data))
+    ax.set_title(f"Peak memory of one training step, input {inputs}", fontsize=9)
+    ax.grid(True, axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_speedup(rows: list[dict], path: Path) -> Path | None:
+    data = [r for r in rows if r["metric"] == "speedup" and _float(r["value"]) is not None]
+    if not data:
+        return None
+    groups = list(dict.fromkeys((r["model"], r["dtype"]) for r in data))
+    variants = ["inference", "training"]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(groups) + 2), 4))
+    width = 0.38
+    for i, variant in enumerate(variants):
+        values = [next((float(r["value"]) for r in data if (r["model"], r["dtype"]) == g and r["variant"] == variant), 0)
+                  for g in groups]
+        ax.bar([k + (i - 0.5) * width for k in range(len(groups))], values, width,
+               label="forward" if variant == "inference" else "training step")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(groups)), [f"{m}\n{d}" for m, d in groups], fontsize=7)
+    ax.set_ylabel("speed-up, unfused time / fused time")
+    ax.set_title(f"DCFormer fused kernels vs unfused PyTorch path — {data[0]['device']}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def _legend(fig) -> None:
+    handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=f) for f, c in FAMILY_COLOURS.items()]
+    handles += [plt.Line2D([], [], color="gray", marker=m, linestyle="", label=p) for p, m in PATH_MARKERS.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
+    fig.subplots_adjust(bottom=0.2)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_plots(csv_path: Path) -> list[Path]:
+    """Write the plots next to ``csv_path``; returns the files written."""
+    rows = read_csv(csv_path)
+    stem = csv_path.with_suffix("")
+    written = [plot_throughput(rows, Path(f"{stem}_throughput.png")), plot_memory(rows, Path(f"{stem}_memory.png"))]
+    speedup = plot_speedup(rows, Path(f"{stem}_speedup.png"))
+    return written + ([speedup] if speedup else [])
+
+
+if __name__ == "__main__":
+    for written in write_plots(Path(sys.argv[1])):
+        print(written)

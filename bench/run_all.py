@@ -1,0 +1,57 @@
+"""`make bench`: the decomposed-conv kernel benchmark and the model suite, results in one folder.
+
+    python -m bench.run_all                    # CPU-sized: a few minutes on two cores
+    python -m bench.run_all --gpu              # CUDA: Med3DVLM's input size, within --budget-s
+    python -m bench.run_all --models 'dcformer_*' --skip-conv
+
+CPU: ``bench.bench_conv`` (CPU mode) then the model suite at 2x1x64x64x64 -> conv_cpu.*, models_cpu.*.
+GPU: the model suite at 2x1x128x256x256, fp32 and bf16 autocast, DCFormer fused and unfused, and the
+counts at 512x512x256 -> models_gpu.*. No torch.compile anywhere. The kernel benchmark is left to
+``python -m bench.bench_conv`` on a GPU: it compiles many Triton and Inductor variants.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+DEFAULT_BUDGET_S = {"gpu": 90.0, "cpu": 600.0}
+
+
+def main(argv=None) -> None:
+    started = time.perf_counter()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true", help="run on CUDA at paper sizes")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="no new measurement starts after this many seconds of the whole run; the report is "
+                             f"still written (default {DEFAULT_BUDGET_S['gpu']:.0f} with --gpu, "
+                             f"{DEFAULT_BUDGET_S['cpu']:.0f} on CPU)")
+    parser.add_argument("--models", nargs="+", default=None, metavar="PATTERN",
+                        help="registry names or shell patterns, e.g. 'dcformer_*' (default: the suite in "
+                             "bench/models/specs.py)")
+    parser.add_argument("--skip-conv", action="store_true", help="CPU: skip the decomposed-conv kernel benchmark")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    budget_s = args.budget_s if args.budget_s is not None else DEFAULT_BUDGET_S["gpu" if args.gpu else "cpu"]
+
+    import torch
+
+    from . import models
+
+    if args.gpu and not torch.cuda.is_available():
+        parser.error("--gpu needs a CUDA device; torch.cuda.is_available() is False")
+    if not args.gpu and not args.skip_conv:
+        from . import bench_conv
+
+        print("== decomposed conv kernel benchmark (CPU)", flush=True)
+        bench_conv.run(args.out, quick=True)
+    print("== model suite", flush=True)
+    csv_path = models.run(args.out, gpu=args.gpu, budget_s=budget_s, models=args.models, started=started,
+                          progress=not args.no_progress)
+    written = sorted(p.name for p in args.out.glob(f"{csv_path.stem}*"))
+    print(f"wrote {', '.join(written)} under {args.out} in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
