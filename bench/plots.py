@@ -35,6 +35,11 @@ def _colour(model: str) -> str:
     return FAMILY_COLOURS.get(model.split("_")[0], "tab:gray")
 
 
+def _family_rank(model: str) -> int:
+    family = model.split("_")[0]
+    return list(FAMILY_COLOURS).index(family) if family in FAMILY_COLOURS else len(FAMILY_COLOURS)
+
+
 def _short(model: str) -> str:
     return model.split("(")[0]
 
@@ -60,8 +65,8 @@ def plot_throughput(rows: list[dict], path: Path) -> Path:
             low, high = _float(r["p20"]), _float(r["p80"])
             if low is not None and high is not None:
                 ax.vlines(x, low, high, color=_colour(r["model"]), linewidth=1)
-            ax.annotate(f"{_short(r['model'])} ({r['backend']})", (x, y), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")
+            label = _short(r["model"]) + (f" ({r['backend']})" if r["backend"] in ("fused", "unfused") else "")
+            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("parameters (M)")
@@ -75,7 +80,9 @@ def plot_throughput(rows: list[dict], path: Path) -> Path:
 
 
 def plot_memory(rows: list[dict], path: Path) -> Path:
-    data = _training(rows, "peak_memory")
+    params = _params(rows)
+    data = sorted(_training(rows, "peak_memory"), key=lambda r: (_family_rank(r["model"]), params.get(r["model"], 0),
+                                                                 r["model"], r["backend"], r["dtype"]))
     labels = [f"{_short(r['model'])} {r['backend']} {r['dtype']}" for r in data]
     fig, ax = plt.subplots(figsize=(8, 0.32 * max(len(data), 4) + 1.2))
     ax.barh(range(len(data)), [float(r["value"]) for r in data], color=[_colour(r["model"]) for r in data])
@@ -98,8 +105,8 @@ def plot_speedup(rows: list[dict], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(groups) + 2), 4))
     width = 0.38
     for i, variant in enumerate(variants):
-        values = [next((float(r["value"]) for r in data if (r["model"], r["dtype"]) == g and r["variant"] == variant), 0)
-                  for g in groups]
+        values = [next((float(r["value"]) for r in data
+                        if (r["model"], r["dtype"]) == g and r["variant"] == variant), 0) for g in groups]
         ax.bar([k + (i - 0.5) * width for k in range(len(groups))], values, width,
                label="forward" if variant == "inference" else "training step")
     ax.axhline(1.0, color="black", linewidth=0.8)

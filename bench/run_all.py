@@ -49,7 +49,8 @@ def main(argv=None) -> None:
     print("== model suite", flush=True)
     csv_path = models.run(args.out, gpu=args.gpu, budget_s=budget_s, models=args.models, started=started,
                           progress=not args.no_progress)
-    written = sorted(p.name for p in args.out.glob(f"{csv_path.stem}*"))
+    stems = [csv_path.stem] + ([] if args.gpu or args.skip_conv else ["conv_cpu"])
+    written = sorted(p.name for stem in stems for p in args.out.glob(f"{stem}*"))
     print(f"wrote {', '.join(written)} under {args.out} in {time.perf_counter() - started:.0f} s")
 
 

@@ -22,6 +22,14 @@ def _triple(kernel_size) -> tuple[int, int, int]:
     return ks
 
 
+def _autocast(x: torch.Tensor, tensors: list) -> tuple[torch.Tensor, list]:
+    """Under autocast, run the fused op in the autocast dtype, as nn.Conv3d would."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return x, tensors
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return x.to(dtype), [None if t is None else t.to(dtype) for t in tensors]
+
+
 class DecomposedConv3d(nn.Module):
     """A k×k×k Conv3d replaced by three parallel 1D convs along D, H and W, summed (DCFormer).
 
@@ -83,7 +91,7 @@ class DecomposedConv3d(nn.Module):
         if count <= 1:
             raise ValueError(f"expected more than 1 value per channel when training; got input of shape {tuple(x.shape)}")
         c = self.out_channels
-        wd, wh, ww = (conv.weight.reshape(c, -1) for conv in self.branches)
+        x, (wd, wh, ww) = _autocast(x, [conv.weight.reshape(c, -1) for conv in self.branches])
         gamma = torch.stack([bn.weight for bn in self.norms])
         beta = torch.stack([bn.bias for bn in self.norms])
         y, mean, var = decomposed_conv3d_batchnorm_train(x, wd, wh, ww, gamma, beta, self.norms[0].eps)
@@ -129,7 +137,7 @@ class DecomposedConv3d(nn.Module):
         weights, bias = self.folded_parameters()
         if self.depthwise:
             c = self.out_channels
-            wd, wh, ww = (w.reshape(c, -1) for w in weights)
+            x, (wd, wh, ww, bias) = _autocast(x, [w.reshape(c, -1) for w in weights] + [bias])
             return decomposed_conv3d(x, wd, wh, ww, bias, self.stride, self.backend)
         y = sum(conv._conv_forward(x, w, None) for conv, w in zip(self.branches, weights))
         return y if bias is None else y + bias.reshape(1, -1, 1, 1, 1)

@@ -61,6 +61,9 @@ BACKWARD_IMPLS = ("auto", "fused", "stripes")
 # it was 5-10x slower than dense (118 vs 24 ms, 279 vs 26 ms), which the stripes fix by running
 # the products on cuBLAS. The stripes have not been timed against the fused kernel at d = 256.
 FUSED_BACKWARD_MAX_DIM = 256
+# The stripes' half-precision products need torch.mm(..., out_dtype=torch.float32) (torch >= 2.8);
+# without it "auto" stays with the fused backward.
+_MM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 # Logits per row stripe (one chunk of the PyTorch path, one stripe of the stripes backward):
 # 16 MiB of fp32 on CPU. On CUDA 512 MiB of fp32 S (plus 256 MiB of bf16 G): every stripe also
 # reads and writes the B x d fp32 dY (~16 B d bytes), which costs ~530 / rows of the stripe's
@@ -557,7 +560,7 @@ def resolve_backward_impl(backward_impl: str, backend: str, dim: int) -> str:
     if backend == "torch":
         return "stripes"
     if backward_impl == "auto":
-        return "stripes" if dim > FUSED_BACKWARD_MAX_DIM else "fused"
+        return "stripes" if dim > FUSED_BACKWARD_MAX_DIM and _MM_HAS_OUT_DTYPE else "fused"
     return backward_impl
 
 

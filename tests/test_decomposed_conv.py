@@ -314,6 +314,16 @@ def test_layer_bad_arguments(kwargs, pattern):
         DecomposedConv3d(**args)
 
 
+def test_layer_follows_autocast():
+    torch.manual_seed(12)
+    layer = DecomposedConv3d(4, 4, 3, groups=4, norm="batch", backend="torch").eval()
+    x = torch.randn(1, 4, 5, 6, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, layer(x)) <= 2e-2
+
+
 def test_layer_rejects_wrong_channels():
     with pytest.raises(ValueError, match=r"expects x of shape \(N, 4, D, H, W\); got \(1, 3, 5, 5, 5\)"):
         DecomposedConv3d(4, 4, 3, groups=4)(torch.randn(1, 3, 5, 5, 5))

@@ -154,3 +154,20 @@ def test_gpu_training_matches_unfused(dtype, tol, channels_last):
         if "branches" in name and name.endswith("bias"):
             continue
         assert rel(p_f.grad, p_u.grad) <= tol, name
+
+
+@pytest.mark.gpu
+def test_gpu_training_under_bf16_autocast():
+    torch.manual_seed(6)
+    fused = _layer(32, (9, 7, 5)).cuda()
+    unfused = copy.deepcopy(fused)
+    x = torch.randn(2, 32, 9, 12, 10, device="cuda").contiguous(memory_format=torch.channels_last_3d)
+    x_f, x_u = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_f = fused(x_f)
+    y_u = _unfused(unfused, x_u)
+    assert y_f.dtype == torch.bfloat16
+    assert ((y_f.float() - y_u).norm() / y_u.norm()).item() <= 2e-2
+    y_f.float().sum().backward()
+    assert fused.branches[0].weight.grad.dtype == torch.float32
+    assert all(torch.isfinite(p.grad).all() for p in fused.parameters() if p.grad is not None)

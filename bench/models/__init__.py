@@ -14,7 +14,9 @@ Run through ``python -m bench.run_all`` (see bench/README.md).
 from __future__ import annotations
 
 import fnmatch
+import signal
 import statistics
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -24,8 +26,8 @@ from typing import Callable
 import torch
 
 from ..common import Row, environment, write_csv
-from .counts import flop_counter_flops, fvcore_macs, fvcore_trace_macs, head_counts, parameter_count
-from .measure import DTYPES, Job, input_label, run_job
+from .counts import flop_counter_flops, fvcore_macs, head_counts, parameter_count
+from .measure import Job, input_label, run_job
 from .report import write_report
 from .specs import (CPU_EXCLUDED, CPU_INPUT, GPU_INPUT, PAPER_INPUT, PAPER_TABLE, PROJECTION_DIM,
                     REFERENCE_FLOP_COUNTER, SUITE, Encoder, PaperEntry)
@@ -64,7 +66,7 @@ def _paper_rows(entry: PaperEntry, device: torch.device, env: dict) -> list[Row]
     params = parameter_count(model)
     channels = model.feature_info[-1]["num_chs"]
     backend = "torch" if encoder.is_dcformer else None  # the official graph: BN on every branch
-    macs, how = fvcore_macs(encoder, PAPER_INPUT, train=True, device=device, backend=backend)
+    macs, how = fvcore_macs(encoder, PAPER_INPUT, train=True, device=device, backend=backend, scale_down=True)
     flops, _ = flop_counter_flops(encoder, PAPER_INPUT)
     inp = input_label(PAPER_INPUT)
     path = "unfused" if encoder.is_dcformer else "pytorch"
@@ -162,51 +164,77 @@ def _tasks(encoders: list[Encoder], gpu: bool, device: torch.device, input_shape
     return tasks
 
 
+class _Terminated(BaseException):  # not an Exception: the per-task handlers must not catch it
+    """SIGTERM (e.g. from `timeout`) during the suite: stop measuring, still write the report."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
 def run(out_dir: Path = Path("bench/results"), gpu: bool = False, budget_s: float | None = None,
         models: list[str] | None = None, started: float | None = None, progress: bool = True,
-        rep_ms: float | None = None) -> Path:
+        rep_ms: float | None = None, input_shape: tuple[int, ...] | None = None) -> Path:
     """Run the suite, write ``models_{cpu,gpu}.csv``, ``.md`` and the plots; return the CSV path.
 
     ``budget_s`` (seconds since ``started``): no new task starts once the elapsed time plus the median
     task time so far exceeds it; the tasks left are listed as skipped and the report is still written.
+    The CSV is rewritten after every task, and a SIGTERM stops the run and writes the report, so a
+    run killed by ``timeout`` keeps what it measured.
     """
     if gpu and not torch.cuda.is_available():
         raise RuntimeError("gpu=True needs a CUDA device; torch.cuda.is_available() is False")
     started = time.perf_counter() if started is None else started
     device = torch.device("cuda" if gpu else "cpu")
     env = environment()
-    input_shape = GPU_INPUT if gpu else CPU_INPUT
+    input_shape = input_shape or (GPU_INPUT if gpu else CPU_INPUT)
     rep_ms = rep_ms if rep_ms is not None else (100 if gpu else 300)
-    encoders = select_encoders(models, gpu)
-    tasks = _tasks(encoders, gpu, device, input_shape, env, rep_ms)
+    csv_path = out_dir / f"{'models_gpu' if gpu else 'models_cpu'}.csv"
+    tasks = _tasks(select_encoders(models, gpu), gpu, device, input_shape, env, rep_ms)
     rows: list[Row] = []
     durations: list[float] = []
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     bar = _progress(tasks, progress)
-    for task in bar:
-        elapsed = time.perf_counter() - started
-        if budget_s is not None and elapsed + (statistics.median(durations) if durations else 0) > budget_s:
-            rows.append(task.note("skipped", f"time budget ({budget_s:.0f} s) reached", env))
-            continue
-        if hasattr(bar, "set_description"):
-            bar.set_description(task.name[:40])
-        t0 = time.perf_counter()
-        try:
-            rows += task.make_rows()
-        except Exception as exc:  # one failing model must not lose the others' results
-            first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
-            rows.append(task.note("error", f"{type(exc).__name__}: {first_line}", env))
-            if isinstance(exc, torch.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            elif not progress:
-                traceback.print_exc()
-        durations.append(time.perf_counter() - t0)
+    try:
+        for task in bar:
+            elapsed = time.perf_counter() - started
+            if budget_s is not None and elapsed + (statistics.median(durations) if durations else 0) > budget_s:
+                rows.append(task.note("skipped", f"time budget ({budget_s:.0f} s) reached", env))
+                continue
+            if hasattr(bar, "set_description"):
+                bar.set_description(task.name[:40])
+            t0 = time.perf_counter()
+            try:
+                rows += task.make_rows()
+            except Exception as exc:  # one failing model must not lose the others' results
+                first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
+                rows.append(task.note("error", f"{type(exc).__name__}: {first_line}", env))
+                if isinstance(exc, torch.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+                elif not progress:
+                    traceback.print_exc()
+            durations.append(time.perf_counter() - t0)
+            write_csv(rows, csv_path)
+        terminated = False
+    except _Terminated:
+        rows.append(Row(model="(suite)", variant="", input="", dtype="", backend="", metric="skipped",
+                        value="terminated by SIGTERM; later tasks not run", unit="", env=env))
+        terminated = True
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
     rows += speedup_rows(rows)
-    stem = "models_gpu" if gpu else "models_cpu"
-    csv_path = write_csv(rows, out_dir / f"{stem}.csv")
+    write_csv(rows, csv_path)
     write_report(csv_path, title=f"Model benchmark ({'GPU' if gpu else 'CPU'})")
-    from ..plots import write_plots
-
-    write_plots(csv_path)
+    if terminated:
+        return csv_path
+    try:
+        from ..plots import write_plots
+    except ImportError as exc:  # the CSV and the Markdown are the results; plots are a view of them
+        print(f"plots not written ({exc}); `python -m bench.plots {csv_path}` makes them later")
+    else:
+        write_plots(csv_path)
     return csv_path
 
 

@@ -6,7 +6,7 @@
 - fvcore ``FlopCountAnalysis``: 1 per multiply-add ("flops" in fvcore's naming, GFLOPs in the
   DCFormer paper). It counts a JIT trace, which needs real tensors (tracing meta tensors fails in
   the conv shape checks). To count at the paper's 512x512x256 on a CPU without computing the whole
-  network, ``fvcore_macs`` traces at 1/4 (or 1/2) of every side and multiplies by 64 (or 8), but
+  network, ``fvcore_macs(scale_down=True)`` traces at 1/4 (or 1/2) of every side and multiplies by 64 (or 8), but
   only after FlopCounterMode shows that the count at the two sizes scales exactly by that factor
   (true when every stride divides the reduced size; false for ViT attention, which is quadratic
   in tokens: those are traced at full size).
@@ -70,17 +70,18 @@ def _fused_dispatch_on_cpu():
 
 def flop_counter_flops(encoder: Encoder, input_shape: tuple[int, ...], fused: bool = True,
                        **build) -> tuple[int, dict[str, int]]:
+    """FlopCounterMode total and per-op FLOPs of the eval-mode forward, on fake tensors (cached).
+
+    ``fused``: DCFormer with ``backend="auto"`` takes the fused op, as on CUDA. ``build``: overrides
+    for ``create_model`` (``backend="torch"`` counts DCFormer's unfused path). SDPA is counted
+    through its math form, which FlopCounterMode knows on every device.
+    """
     return _flop_counter_flops(encoder, tuple(input_shape), fused, tuple(sorted(build.items())))
 
 
 @functools.lru_cache(maxsize=256)
 def _flop_counter_flops(encoder: Encoder, input_shape: tuple[int, ...], fused: bool,
                         build: tuple) -> tuple[int, dict[str, int]]:
-    """FlopCounterMode total and per-op FLOPs of the eval-mode forward, on fake tensors.
-
-    ``fused``: DCFormer takes the fused op (as on CUDA); False counts its unfused PyTorch path.
-    SDPA is counted through its math form, which FlopCounterMode knows on every device.
-    """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with torch.device("meta"):  # no init compute; to_empty below turns the weights into fake CPU tensors
@@ -147,15 +148,17 @@ def _exact_scale(encoder: Encoder, input_shape: tuple[int, ...]) -> tuple[tuple[
 
 
 def fvcore_macs(encoder: Encoder, input_shape: tuple[int, ...], train: bool = False,
-                device: torch.device | str = "cpu", backend: str | None = None) -> tuple[int, str]:
+                device: torch.device | str = "cpu", backend: str | None = None,
+                scale_down: bool = False) -> tuple[int, str]:
     """fvcore multiply-adds of one forward at ``input_shape``, and how they were obtained.
 
     ``train=True`` counts the training-mode graph (BatchNorm with batch statistics, which fvcore
     counts at 5 per element); with ``backend="torch"`` that is the official DCFormer graph, the one
-    the paper counted. ``backend`` is passed to DCFormer only.
+    the paper counted. ``backend`` is passed to DCFormer only. ``scale_down``: trace a smaller input
+    where that is exact (module docstring).
     """
     build = {"backend": backend} if encoder.is_dcformer and backend is not None else {}
-    shape, factor = _exact_scale(encoder, input_shape)
+    shape, factor = _exact_scale(encoder, input_shape) if scale_down else (input_shape, 1)
     torch.manual_seed(0)
     model = encoder.build(**build).to(device).train(train)
     x = torch.randn(shape, device=device)

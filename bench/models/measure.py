@@ -37,7 +37,10 @@ def input_label(shape: tuple[int, ...]) -> str:
 
 def run_job(job: Job, input_shape: tuple[int, ...], device: torch.device, env: dict,
             rep_ms: float = 100) -> list[Row]:
-    """Inference latency and peak memory, training-step time, throughput and peak memory."""
+    """Inference latency and peak memory; training-step time, throughput and peak memory.
+
+    The two phases fail independently: an error in one is written as an ``error`` row of that phase.
+    """
     build = {"backend": job.backend} if job.encoder.is_dcformer else {}
     torch.manual_seed(0)
     model = job.encoder.build(**build).to(device)
@@ -50,32 +53,43 @@ def run_job(job: Job, input_shape: tuple[int, ...], device: torch.device, env: d
     def record(variant, metric, value, unit, p20="", p80=""):
         rows.append(Row(variant=variant, metric=metric, value=value, unit=unit, p20=p20, p80=p80, **common))
 
-    model.eval()
+    def inference():
+        model.eval()
 
-    def forward():
-        with torch.no_grad(), _autocast(device, job.dtype):
-            return model(x)
+        def forward():
+            with torch.no_grad(), _autocast(device, job.dtype):
+                return model(x)
 
-    t = time_fn(forward, rep_ms=rep_ms, min_reps=5)
-    record("inference", "latency", round(t.median_ms, 3), "ms", round(t.p20_ms, 3), round(t.p80_ms, 3))
-    mib, measure = peak_memory(forward)
-    record("inference", "peak_memory", round(mib, 1), f"MiB ({measure})")
+        t = time_fn(forward, rep_ms=rep_ms, min_reps=5)
+        record("inference", "latency", round(t.median_ms, 3), "ms", round(t.p20_ms, 3), round(t.p80_ms, 3))
+        mib, measure = peak_memory(forward)
+        record("inference", "peak_memory", round(mib, 1), f"MiB ({measure})")
 
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    def training():
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    def train_step():
-        optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, job.dtype):
-            loss = model(x).float().mean()
-        loss.backward()
-        optimizer.step()
+        def train_step():
+            optimizer.zero_grad(set_to_none=True)
+            with _autocast(device, job.dtype):
+                loss = model(x).float().mean()
+            loss.backward()
+            optimizer.step()
 
-    t = time_fn(train_step, rep_ms=rep_ms, min_reps=5)  # its warm-up call also creates AdamW's state
-    record("training", "step_time", round(t.median_ms, 3), "ms", round(t.p20_ms, 3), round(t.p80_ms, 3))
-    # volumes/s; the 20th percentile of throughput is the 80th of time
-    record("training", "throughput", round(batch * 1e3 / t.median_ms, 3), "volumes/s",
-           round(batch * 1e3 / t.p80_ms, 3), round(batch * 1e3 / t.p20_ms, 3))
-    mib, measure = peak_memory(train_step)
-    record("training", "peak_memory", round(mib, 1), f"MiB ({measure})")
+        t = time_fn(train_step, rep_ms=rep_ms, min_reps=5)  # its warm-up call also creates AdamW's state
+        record("training", "step_time", round(t.median_ms, 3), "ms", round(t.p20_ms, 3), round(t.p80_ms, 3))
+        # volumes/s; the 20th percentile of throughput is the 80th of time
+        record("training", "throughput", round(batch * 1e3 / t.median_ms, 3), "volumes/s",
+               round(batch * 1e3 / t.p80_ms, 3), round(batch * 1e3 / t.p20_ms, 3))
+        mib, measure = peak_memory(train_step)
+        record("training", "peak_memory", round(mib, 1), f"MiB ({measure})")
+
+    for variant, phase in (("inference", inference), ("training", training)):
+        try:
+            phase()
+        except Exception as exc:  # e.g. a dtype the path does not support; the other phase still runs
+            if isinstance(exc, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
+            record(variant, "error", f"{type(exc).__name__}: {first_line}", "")
     return rows

@@ -39,6 +39,14 @@ def _spread(r: dict | None, digits: int) -> str:
     return text
 
 
+def _cell(rows: list[dict], variant: str, metric: str, model: str, path: str, digits: int) -> str:
+    found = _find(rows, variant=variant, metric=metric, model=model, backend=path)
+    if found is not None:
+        return _spread(found, digits)
+    failed = _find(rows, variant=variant, metric="error", model=model, backend=path)
+    return "error (see *Not measured*)" if failed else ""
+
+
 def _g(value: float | None, digits: int = 2) -> str:
     return "" if value is None else f"{value / 1e9:.{digits}f}"
 
@@ -70,9 +78,9 @@ def _encoder_tables(rows: list[dict]) -> list[str]:
                     model, path, "" if params is None else f"{params / 1e6:.2f}",
                     _g(_value(counts, model=model, metric="flops_flopcountermode")),
                     _g(_value(counts, model=model, metric="macs_fvcore")),
-                    _spread(_find(here, variant="inference", metric="latency", model=model, backend=path), 2),
-                    _spread(_find(here, variant="training", metric="throughput", model=model, backend=path), 2),
-                    _spread(_find(here, variant="training", metric="peak_memory", model=model, backend=path), 0),
+                    _cell(here, "inference", "latency", model, path, 2),
+                    _cell(here, "training", "throughput", model, path, 2),
+                    _cell(here, "training", "peak_memory", model, path, 0),
                 ])
             out.append(markdown_table(f"Encoders at input {inp} (B x C x D x H x W), {dtype}", header, lines,
                                       here[0]))
@@ -120,20 +128,21 @@ def _paper_table(rows: list[dict]) -> list[str]:
     for (name, shape), ref in REFERENCE_FLOP_COUNTER.items():
         if shape == (1, 1, 256, 512, 512):
             continue
-        flops = _value(paper, variant="eval", metric="flops_flopcountermode", model=name, input="x".join(map(str, shape)))
+        flops = _value(paper, variant="eval", metric="flops_flopcountermode", model=name,
+                       input="x".join(map(str, shape)))
         if flops is not None:
             lines.append([f"{name} at {'x'.join(map(str, shape))}", "", "", "", "", _g(flops, 3),
                           f"{ref:,}" + (" (equal)" if flops == ref else " (differs)"), "Med3DVLM's input"])
     if not lines:
         return []
     first = _find(rows, variant="paper count") or _find(rows, variant="eval") or {}
-    how = _find(rows, variant="paper count", metric="macs_fvcore")
     intro = (f"Input 1x1x256x512x512 (the paper's 512x512x256, H x W x D). fvcore's count is one per multiply-add "
              f"(the paper's 'GFLOPs'), of the training-mode graph with DCFormer on its unfused path (the official "
              f"graph: BatchNorm on every branch, counted by fvcore at 5 per element); "
              f"nano and tiny add a Linear(c4, {PROJECTION_DIM}) head on the pooled last map, as the paper's "
              f"figures do. FlopCounterMode counts 2 per multiply-add of the eval-mode forward (fused op, BN folded, "
-             f"not counted). fvcore: {how['unit'] if how else ''}.")
+             "not counted). The CSV's unit column says how each fvcore count was made: traced at this input, or "
+             "at a quarter of every side times 64 where FlopCounterMode shows that to be exact.")
     return [markdown_table("The DCFormer paper's table", header, lines, first) + "\n" + intro + "\n"]
 
 
