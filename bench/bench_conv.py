@@ -110,7 +110,6 @@ def run(out_dir: Path, quick: bool = False) -> Path:
                         if mem is not None:
                             rows.append(Row("decomposed_conv3d", variant, name, dt, "forward+backward",
                                             "peak_memory", round(mem / 2**20, 1), "MiB", env=env))
-                        del y, g
                     except torch.OutOfMemoryError:
                         rows.append(Row("decomposed_conv3d", variant, name, dt, "forward", "time", "OOM", "", env=env))
                         torch.cuda.empty_cache()
