@@ -82,6 +82,7 @@ def run(out_dir: Path, quick: bool = False) -> Path:
                 rows.append(Row("decomposed_conv3d", "clone", name, dt, "torch", "GB/s", round(copy_gbs, 1), "GB/s",
                                 env=env))
                 both: dict[str, float] = {}  # forward+backward median per variant
+                steps: dict[str, object] = {}  # forward+backward callables per variant
                 for variant, (fn, fmt, has_bwd) in _variants(c, k, dtype, device, gpu).items():
                     if variant == "compiled_reference" and (batch != 2 or dtype != torch.bfloat16 or k != 13):
                         continue  # one inductor compile (the k=13 stage) keeps the run short
@@ -96,7 +97,7 @@ def run(out_dir: Path, quick: bool = False) -> Path:
                             modes["backward"] = (lambda: torch.autograd.grad(y, x, g, retain_graph=True), 3)
                             modes["forward+backward"] = (lambda: torch.autograd.grad(fn(x), x, g), 5)
                         for mode, (call, tensors) in modes.items():
-                            t = time_fn(call)
+                            t = time_fn(call, min_reps=7)
                             gbs = tensors * numel * elt / t.median_ms / 1e6
                             common = dict(model="decomposed_conv3d", variant=variant, input=name, dtype=dt, env=env)
                             rows.append(Row(backend=mode, metric="time", value=round(t.median_ms, 4), unit="ms",
@@ -106,6 +107,7 @@ def run(out_dir: Path, quick: bool = False) -> Path:
                                             unit="%", **common))
                             if mode == "forward+backward":
                                 both[variant] = t.median_ms
+                                steps[variant] = call
                         mem = peak_memory_bytes(lambda: torch.autograd.grad(fn(x), x, g)) if has_bwd else None
                         if mem is not None:
                             rows.append(Row("decomposed_conv3d", variant, name, dt, "forward+backward",
@@ -113,7 +115,7 @@ def run(out_dir: Path, quick: bool = False) -> Path:
                     except torch.OutOfMemoryError:
                         rows.append(Row("decomposed_conv3d", variant, name, dt, "forward", "time", "OOM", "", env=env))
                         torch.cuda.empty_cache()
-                rows += _speedups(both, name, dt, env)
+                rows += _speedups(both, steps, name, dt, env)
                 _write_report(rows, out_dir, gpu)  # after every case: a cut-off run still leaves its numbers
     if gpu:  # last: the training-mode BN kernels take the longest to compile
         for c, d, h, w, k in shapes:
@@ -123,17 +125,33 @@ def run(out_dir: Path, quick: bool = False) -> Path:
     return out_dir / f"{'conv_gpu' if gpu else 'conv_cpu'}.csv"
 
 
-def _speedups(both: dict, name: str, dt: str, env: dict) -> list[Row]:
-    """GPU: best fused against the best of three Conv3d (NCDHW or channels_last).
-    CPU: our CPU path against three Conv3d on the same input layout."""
+def _interleaved_ratio(baseline, candidate, rounds: int = 15) -> float:
+    """Median time of ``baseline`` over that of ``candidate``, timed alternately so that drift in a
+    shared CPU's speed hits both alike (back-to-back medians differed by up to 2x on a 2-core VM)."""
+    import statistics
+    import time
+
+    times = {0: [], 1: []}
+    for r in range(rounds):
+        for i in ((0, 1) if r % 2 else (1, 0)):
+            start = time.perf_counter()
+            (baseline, candidate)[i]()
+            times[i].append(time.perf_counter() - start)
+    return statistics.median(times[0]) / statistics.median(times[1])
+
+
+def _speedups(both: dict, steps: dict, name: str, dt: str, env: dict) -> list[Row]:
+    """GPU: best fused against the best of three Conv3d (NCDHW or channels_last), from the medians.
+    CPU: our CPU path against three Conv3d on the same input layout, timed interleaved."""
     pairs = {}
     unfused = [both[v] for v in ("three_conv3d_ncdhw", "three_conv3d_cl") if v in both]
     fused = [both[v] for v in ("fused_ncdhw", "fused_cl") if v in both]
     if fused and unfused:
         pairs["fused vs best of three_conv3d"] = min(unfused) / min(fused)
     for fmt in ("ncdhw", "cl"):
-        if f"cpu_path_{fmt}" in both and f"three_conv3d_{fmt}" in both:
-            pairs[f"cpu_path vs three_conv3d ({fmt})"] = both[f"three_conv3d_{fmt}"] / both[f"cpu_path_{fmt}"]
+        if f"cpu_path_{fmt}" in steps and f"three_conv3d_{fmt}" in steps:
+            pairs[f"cpu_path vs three_conv3d ({fmt})"] = _interleaved_ratio(steps[f"three_conv3d_{fmt}"],
+                                                                             steps[f"cpu_path_{fmt}"])
     return [Row("decomposed_conv3d", k, name, dt, "forward+backward", "speedup", round(v, 2), "x", env=env)
             for k, v in pairs.items()]
 

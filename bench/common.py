@@ -73,7 +73,10 @@ def time_fn(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100
 
         p20, med, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
         return Timing(med, p20, p80)
-    fn()  # warm-up
+    warm_until = time.perf_counter() + warmup_ms / 1e3
+    fn()  # warm-up: at least one call, and until warmup_ms has passed (first calls build kernels, caches)
+    while time.perf_counter() < warm_until:
+        fn()
     samples = []
     deadline = time.perf_counter() + rep_ms / 1e3
     while len(samples) < min_reps or (time.perf_counter() < deadline and len(samples) < 50):
