@@ -6,9 +6,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import med3dvlm.models.convnext3d  # noqa: F401  (registers convnext3d_*)
-import med3dvlm.models.poolformer3d  # noqa: F401  (registers poolformer3d_*)
-import med3dvlm.models.vit3d  # noqa: F401  (registers vit3d_*)
 from med3dvlm.models import create_model, list_models
 from med3dvlm.models.layers import DropPath, LayerNorm3d
 from med3dvlm.models.poolformer3d import Pooling

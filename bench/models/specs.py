@@ -1,19 +1,11 @@
 """What the model suite measures: which encoders, at which sizes, and the paper's figures to meet."""
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 import torch.nn as nn
 
 from med3dvlm.models import create_model, list_models
-
-# Baseline families register themselves on import; a family that is missing is left out of the suite.
-for _module in ("med3dvlm.models.vit3d", "med3dvlm.models.convnext3d", "med3dvlm.models.poolformer3d"):
-    try:
-        importlib.import_module(_module)
-    except ImportError:
-        pass
 
 
 @dataclass(frozen=True)

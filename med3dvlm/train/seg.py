@@ -20,8 +20,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-import med3dvlm.models  # noqa: F401  (registers the encoders)
-import med3dvlm.models.unet  # noqa: F401  (registers the segmentation networks)
 from med3dvlm.data.synthetic import SyntheticShapes
 from med3dvlm.models.registry import create_model
 from med3dvlm.train.losses import dice_ce_loss, dice_iou
