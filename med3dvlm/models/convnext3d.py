@@ -73,9 +73,7 @@ class ConvNeXt3D(Encoder3D):
 
     def __init__(self, config: ConvNeXt3DConfig | None = None, **overrides) -> None:
         super().__init__()
-        cfg = config or ConvNeXt3DConfig()
-        if overrides:
-            cfg = ConvNeXt3DConfig(**{**cfg.__dict__, **overrides})
+        cfg = self.resolve_config(config, ConvNeXt3DConfig, overrides)
         if len(cfg.depths) != 4 or len(cfg.dims) != 4:
             raise ValueError(f"ConvNeXt3D expects 4 depths and 4 dims; got depths={cfg.depths}, dims={cfg.dims}")
         self.config = cfg

@@ -117,9 +117,7 @@ class DCFormer(Encoder3D):
 
     def __init__(self, config: DCFormerConfig | None = None, **overrides) -> None:
         super().__init__()
-        cfg = config or DCFormerConfig()
-        if overrides:
-            cfg = DCFormerConfig(**{**cfg.__dict__, **overrides})
+        cfg = self.resolve_config(config, DCFormerConfig, overrides)
         if len(cfg.blocks) != 5 or len(cfg.channels) != 5 or len(cfg.kernel_sizes) != 4:
             raise ValueError(
                 f"DCFormer expects 5 blocks/channels entries (stem + 4 stages) and 4 kernel sizes; got "

@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
@@ -23,6 +25,14 @@ class Encoder3D(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.grad_checkpointing = False
+
+    @staticmethod
+    def resolve_config(config, default_cls, overrides: dict):
+        """``config`` (or ``default_cls()``) with keyword ``overrides`` replacing its fields.
+
+        An unknown field raises a TypeError naming it (``dataclasses.replace``).
+        """
+        return dataclasses.replace(config or default_cls(), **overrides)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = bool(enable)

@@ -99,9 +99,7 @@ class PoolFormer3D(Encoder3D):
 
     def __init__(self, config: PoolFormer3DConfig | None = None, **overrides) -> None:
         super().__init__()
-        cfg = config or PoolFormer3DConfig()
-        if overrides:
-            cfg = PoolFormer3DConfig(**{**cfg.__dict__, **overrides})
+        cfg = self.resolve_config(config, PoolFormer3DConfig, overrides)
         if len(cfg.depths) != 4 or len(cfg.dims) != 4:
             raise ValueError(f"PoolFormer3D expects 4 depths and 4 dims; got depths={cfg.depths}, dims={cfg.dims}")
         self.config = cfg

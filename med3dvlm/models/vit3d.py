@@ -172,9 +172,7 @@ class ViT3D(Encoder3D):
 
     def __init__(self, config: ViT3DConfig | None = None, **overrides) -> None:
         super().__init__()
-        cfg = config or ViT3DConfig()
-        if overrides:
-            cfg = ViT3DConfig(**{**cfg.__dict__, **overrides})
+        cfg = self.resolve_config(config, ViT3DConfig, overrides)
         self.config = cfg
         self.in_channels = cfg.in_channels
         self.patch_size = cfg.patch_size
