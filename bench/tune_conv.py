@@ -17,12 +17,10 @@ import dcformer_kernels.decomposed_conv as dc
 
 from .bench_conv import GPU_SHAPES
 from .common import Row, environment, time_fn, write_csv
+from .sass_conv import SWEEP
 
-# (block_c, rows_h, cols_w, d_chunk, num_warps); kept short: every candidate is a fresh compile.
-NCDHW_CANDIDATES = [dc._TileConfig(*t) for t in
-                    ((4, 4, 64, 4, 4), (2, 8, 64, 8, 4), (8, 4, 32, 8, 4), (1, 16, 64, 8, 8), (4, 8, 64, 16, 8))]
-CL_CANDIDATES = [dc._TileConfig(*t) for t in
-                 ((64, 4, 4, 4, 4), (32, 8, 4, 8, 4), (128, 2, 4, 8, 8), (64, 2, 8, 8, 4), (32, 4, 8, 16, 8))]
+# The same candidates the static SASS model ranks (bench/sass_conv.py); every one is a fresh compile.
+CANDIDATES = {fmt: [dc._TileConfig(*t) for t in tiles] for fmt, tiles in SWEEP.items()}
 SHAPES = [s for s in GPU_SHAPES if s[-1] in (13, 9)]
 
 
@@ -35,7 +33,7 @@ def main(argv=None):
     env = environment()
     rows = []
     for c, d, h, w, k in SHAPES:
-        for fmt, candidates in (("ncdhw", NCDHW_CANDIDATES), ("cl", CL_CANDIDATES)):
+        for fmt, candidates in CANDIDATES.items():
             x = torch.randn(2, c, d, h, w, device="cuda", dtype=torch.bfloat16)
             if fmt == "cl":
                 x = x.contiguous(memory_format=torch.channels_last_3d)

@@ -99,48 +99,54 @@ def _output_shape(x, kd, kh, kw, stride):
 @dataclass(frozen=True)
 class _TileConfig:
     block_c: int  # channels per program
+    d_tile: int  # D planes per program
     rows_h: int  # tile rows along H
     cols_w: int  # tile columns along W
-    d_chunk: int  # D planes walked by one program
     num_warps: int
 
 
 def _tile_config(x: torch.Tensor, out_h: int, out_w: int, depth: int) -> _TileConfig:
-    """Tile shape by memory format: W-major tiles for NCDHW, C-major tiles for channels-last.
+    """A program's block: W-major for NCDHW (vector loads along W), C-major for channels-last.
 
-    The GPU choices are the fastest of a sweep on an H100 (``python -m bench.tune_conv``, bf16,
-    DCFormer stage shapes; results in bench/results/tune_conv.csv).
+    Each program computes one block of d_tile x block_c x rows_h x cols_w outputs with no runtime
+    loop. The GPU blocks are the best of ``bench.sass_conv --sweep`` (SASS instructions per
+    element for sm_90, compiled without a GPU; a model, not a timing): one warp per program, so the
+    per-tap weight-gradient sums need no cross-warp reduction (half the backward's instructions
+    at 4 warps). ``python -m bench.tune_conv`` times the same candidates on a GPU.
     """
     if triton_interpreting():
-        # The interpreter costs ~ms per program and per op: small tiles, and shapes in the tests
+        # The interpreter costs ~ms per program and per op: small blocks, and shapes in the tests
         # are chosen so that several blocks and partial blocks occur on every axis.
-        block_c, rows_h, cols_w, d_chunk, warps = 4, 4, 8, 4, 1
+        block_c, d_tile, rows_h, cols_w, warps = 4, 2, 4, 8, 1
     elif _memory_format(x) == torch.channels_last_3d:
-        block_c, rows_h, cols_w, d_chunk, warps = min(32, next_power_of_2(x.shape[1])), 8, 4, 8, 4
+        block_c, d_tile, rows_h, cols_w, warps = min(32, next_power_of_2(x.shape[1])), 2, 4, 4, 1
     else:
         cols_w = min(64, next_power_of_2(out_w))
-        block_c, rows_h, d_chunk, warps = (4 if cols_w >= 64 else 8), 4, 4, 4
-    return _TileConfig(block_c, min(rows_h, next_power_of_2(out_h)), min(cols_w, next_power_of_2(out_w)),
-                       min(d_chunk, depth), warps)
+        block_c, d_tile, rows_h, warps = 1, 2, max(1, 256 // cols_w), 1
+    return _TileConfig(block_c, min(d_tile, next_power_of_2(depth)), min(rows_h, next_power_of_2(out_h)),
+                       min(cols_w, next_power_of_2(out_w)), warps)
 
 
 if HAS_TRITON:
 
     @triton.jit
-    def _tile_coords(pid_s, pid_c, n_db, n_hb, n_wb,
-                     BLOCK_C: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, D_CHUNK: tl.constexpr):
-        """Program -> (n, first D plane, H row vector, W column vector, channel vector)."""
+    def _block_coords(pid_s, pid_c, n_db, n_hb, n_wb,
+                      BLOCK_C: tl.constexpr, DT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr):
+        """Program -> n and the block's coordinates, as broadcastable [DT, BLOCK_C, RH*RW] vectors.
+
+        Returns (n, d [DT,1,1], c [1,BLOCK_C,1], h [1,1,S], w [1,1,S]); every per-axis mask is then
+        computed on a small vector and broadcast once.
+        """
         wb = pid_s % n_wb
         t = pid_s // n_wb
         hb = t % n_hb
         t = t // n_hb
         db = t % n_db
         n = t // n_db
-        s = tl.arange(0, RH * RW)
-        rows = hb * RH + s // RW
-        cols = wb * RW + s % RW
-        chans = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        return n, db * D_CHUNK, rows, cols, chans
+        d = db * DT + tl.arange(0, DT)[:, None, None]
+        c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)[None, :, None]
+        s = tl.arange(0, RH * RW)[None, None, :]
+        return n, d, c, hb * RH + s // RW, wb * RW + s % RW
 
     @triton.jit
     def _decomposed_conv3d_fwd_kernel(
@@ -151,58 +157,64 @@ if HAS_TRITON:
         n_db, n_hb, n_wb,
         KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr,
         HAS_BIAS: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
-        BLOCK_C: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, D_CHUNK: tl.constexpr,
+        BLOCK_C: tl.constexpr, DT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     ):
-        n, d0, oh, ow, c = _tile_coords(tl.program_id(0), tl.program_id(1), n_db, n_hb, n_wb,
-                                        BLOCK_C, RH, RW, D_CHUNK)
+        # Weights arrive transposed, (k, C): one tap's weights are contiguous over channels.
+        n, od, c, oh, ow = _block_coords(tl.program_id(0), tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, DT, RH, RW)
         c_ok = c < C
-        tile_ok = c_ok[:, None] & ((oh < HO) & (ow < WO))[None, :]
-        ih = oh * STRIDE
-        iw = ow * STRIDE
-        x_nc = x_ptr + n.to(IDX) * sxn + c.to(IDX)[:, None] * sxc
-        y_nc = y_ptr + n.to(IDX) * syn + c.to(IDX)[:, None] * syc
-        x_h = ih.to(IDX)[None, :] * sxh
-        x_w = iw.to(IDX)[None, :] * sxw
-        y_hw = oh.to(IDX)[None, :] * syh + ow.to(IDX)[None, :] * syw
+        ok = c_ok & (od < DO) & ((oh < HO) & (ow < WO))
+        idp = od * STRIDE
+        ihp = oh * STRIDE
+        iwp = ow * STRIDE
+        # Pointers at the centre tap; every other tap is this block plus one scalar offset.
+        x0 = (x_ptr + n.to(IDX) * sxn + c.to(IDX) * sxc + idp.to(IDX) * sxd
+              + (ihp.to(IDX) * sxh + iwp.to(IDX) * sxw))
         # The three centre taps read the same element: one load. Their products are added
         # separately (not one summed weight) so Inf/NaN propagate exactly as in the reference.
-        wd_c = tl.load(wd_ptr + c * KD + KD // 2, mask=c_ok, other=0.0).to(ACC)[:, None]
-        wh_c = tl.load(wh_ptr + c * KH + KH // 2, mask=c_ok, other=0.0).to(ACC)[:, None]
-        ww_c = tl.load(ww_ptr + c * KW + KW // 2, mask=c_ok, other=0.0).to(ACC)[:, None]
+        xc = tl.load(x0, mask=ok, other=0.0).to(ACC)
+        acc = (tl.load(wd_ptr + (KD // 2) * C + c, mask=c_ok, other=0.0).to(ACC) * xc
+               + tl.load(wh_ptr + (KH // 2) * C + c, mask=c_ok, other=0.0).to(ACC) * xc
+               + tl.load(ww_ptr + (KW // 2) * C + c, mask=c_ok, other=0.0).to(ACC) * xc)
+        for i in tl.static_range(KD):
+            if i != KD // 2:
+                pos = idp + (i - KD // 2)
+                xv = tl.load(x0 + tl.cast(i - KD // 2, IDX) * sxd, mask=ok & ((pos >= 0) & (pos < D)), other=0.0)
+                acc += tl.load(wd_ptr + i * C + c, mask=c_ok, other=0.0).to(ACC) * xv.to(ACC)
+        for j in tl.static_range(KH):
+            if j != KH // 2:
+                pos = ihp + (j - KH // 2)
+                xv = tl.load(x0 + tl.cast(j - KH // 2, IDX) * sxh, mask=ok & ((pos >= 0) & (pos < H)), other=0.0)
+                acc += tl.load(wh_ptr + j * C + c, mask=c_ok, other=0.0).to(ACC) * xv.to(ACC)
+        for l in tl.static_range(KW):
+            if l != KW // 2:
+                pos = iwp + (l - KW // 2)
+                xv = tl.load(x0 + tl.cast(l - KW // 2, IDX) * sxw, mask=ok & ((pos >= 0) & (pos < W)), other=0.0)
+                acc += tl.load(ww_ptr + l * C + c, mask=c_ok, other=0.0).to(ACC) * xv.to(ACC)
         if HAS_BIAS:
-            b = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)
-        for dd in range(D_CHUNK):
-            # od as a block keeps every mask a block (the interpreter rejects some scalar/block mixes)
-            od = tl.zeros([1, RH * RW], dtype=tl.int32) + (d0 + dd)
-            ok = tile_ok & (od < DO)
-            idp = od * STRIDE
-            x_d = idp.to(IDX) * sxd
-            xc = tl.load(x_nc + x_d + x_h + x_w, mask=ok, other=0.0).to(ACC)
-            acc = wd_c * xc + wh_c * xc + ww_c * xc
-            for i in tl.static_range(KD):
-                if i != KD // 2:
-                    d_in = idp + (i - KD // 2)
-                    m = ok & (d_in >= 0) & (d_in < D)
-                    wv = tl.load(wd_ptr + c * KD + i, mask=c_ok, other=0.0).to(ACC)
-                    xv = tl.load(x_nc + d_in.to(IDX) * sxd + x_h + x_w, mask=m, other=0.0).to(ACC)
-                    acc += wv[:, None] * xv
-            for j in tl.static_range(KH):
-                if j != KH // 2:
-                    h_in = ih + (j - KH // 2)
-                    m = ok & ((h_in >= 0) & (h_in < H))[None, :]
-                    wv = tl.load(wh_ptr + c * KH + j, mask=c_ok, other=0.0).to(ACC)
-                    xv = tl.load(x_nc + x_d + h_in.to(IDX)[None, :] * sxh + x_w, mask=m, other=0.0).to(ACC)
-                    acc += wv[:, None] * xv
-            for l in tl.static_range(KW):
-                if l != KW // 2:
-                    w_in = iw + (l - KW // 2)
-                    m = ok & ((w_in >= 0) & (w_in < W))[None, :]
-                    wv = tl.load(ww_ptr + c * KW + l, mask=c_ok, other=0.0).to(ACC)
-                    xv = tl.load(x_nc + x_d + x_h + w_in.to(IDX)[None, :] * sxw, mask=m, other=0.0).to(ACC)
-                    acc += wv[:, None] * xv
-            if HAS_BIAS:
-                acc += b[:, None]
-            tl.store(y_nc + od.to(IDX) * syd + y_hw, acc.to(y_ptr.dtype.element_ty), mask=ok)
+            acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)
+        y0 = (y_ptr + n.to(IDX) * syn + c.to(IDX) * syc + od.to(IDX) * syd
+              + (oh.to(IDX) * syh + ow.to(IDX) * syw))
+        tl.store(y0, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _grad_tap(g_centre, g_rest, pos, sg, n_out, ok_rest, SHIFT: tl.constexpr, STRIDE: tl.constexpr,
+                  IDX: tl.constexpr):
+        """g at the output that reaches input position pos through a tap, SHIFT = k//2 - tap.
+
+        Along this axis the output index is (pos + SHIFT) / STRIDE where that divides; g_centre
+        points at the stride-1 output at pos, g_rest at the output with this axis' offset left out.
+        """
+        t = pos + SHIFT
+        if STRIDE == 1:
+            return tl.load(g_centre + tl.cast(SHIFT, IDX) * sg, mask=ok_rest & ((t >= 0) & (t < n_out)), other=0.0)
+        else:
+            m = ok_rest & ((t >= 0) & (t % STRIDE == 0) & (t // STRIDE < n_out))
+            return tl.load(g_rest + (t // STRIDE).to(IDX) * sg, mask=m, other=0.0)
+
+    @triton.jit
+    def _tap_sum(v):
+        """[DT, BLOCK_C, S] -> [BLOCK_C]: the sum over the block's positions."""
+        return tl.sum(tl.sum(v, axis=2), axis=0)
 
     @triton.jit
     def _decomposed_conv3d_bwd_kernel(
@@ -212,68 +224,59 @@ if HAS_TRITON:
         sgn, sgc, sgd, sgh, sgw,
         sdn, sdc, sdd, sdh, sdw,
         n_db, n_hb, n_wb,
-        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, KPAD: tl.constexpr,
+        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr,
         ACC: tl.constexpr, IDX: tl.constexpr,
-        BLOCK_C: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, D_CHUNK: tl.constexpr,
+        BLOCK_C: tl.constexpr, DT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     ):
-        # Tiles walk INPUT positions p. The output gradient reaches p through tap i of a branch
+        # Blocks cover INPUT positions p. The output gradient reaches p through tap i of a branch
         # from output o with s*o = p + k//2 - i on that branch's axis and s*o = p on the others.
+        # Per-program partials (P, KD+KH+KW+1, C): sum over the block of x*g for every tap, then
+        # sum of g (the bias); one writer per element, reduced in a fixed order on the host.
         pid_s = tl.program_id(0)
-        n, d0, h, w, c = _tile_coords(pid_s, tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, RH, RW, D_CHUNK)
+        n, d, c, h, w = _block_coords(pid_s, tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, DT, RH, RW)
         c_ok = c < C
-        tile_ok = c_ok[:, None] & ((h < H) & (w < W))[None, :]
-        h_on = (h % STRIDE) == 0  # p is on the output grid along H
-        w_on = (w % STRIDE) == 0
-        hq = h // STRIDE
-        wq = w // STRIDE
-        x_nc = x_ptr + n.to(IDX) * sxn + c.to(IDX)[:, None] * sxc
-        g_nc = g_ptr + n.to(IDX) * sgn + c.to(IDX)[:, None] * sgc
-        dx_nc = dx_ptr + n.to(IDX) * sdn + c.to(IDX)[:, None] * sdc
-        x_hw = h.to(IDX)[None, :] * sxh + w.to(IDX)[None, :] * sxw
-        dx_hw = h.to(IDX)[None, :] * sdh + w.to(IDX)[None, :] * sdw
-        g_h = hq.to(IDX)[None, :] * sgh
-        g_w = wq.to(IDX)[None, :] * sgw
-        wd_c = tl.load(wd_ptr + c * KD + KD // 2, mask=c_ok, other=0.0).to(ACC)[:, None]
-        wh_c = tl.load(wh_ptr + c * KH + KH // 2, mask=c_ok, other=0.0).to(ACC)[:, None]
-        ww_c = tl.load(ww_ptr + c * KW + KW // 2, mask=c_ok, other=0.0).to(ACC)[:, None]
-        # Columns of the per-program partials: taps of D, H, W, then the bias.
-        col = tl.arange(0, KPAD)[None, :]
-        is_centre = (col == KD // 2) | (col == KD + KH // 2) | (col == KD + KH + KW // 2)
-        partial = tl.zeros([BLOCK_C, KPAD], dtype=ACC)
-        for dd in range(D_CHUNK):
-            d = tl.zeros([1, RH * RW], dtype=tl.int32) + (d0 + dd)
-            ok = tile_ok & (d < D)
-            d_on = (d % STRIDE) == 0
-            g_d = (d // STRIDE).to(IDX) * sgd
-            xv = tl.load(x_nc + d.to(IDX) * sxd + x_hw, mask=ok, other=0.0).to(ACC)
-            gv = tl.load(g_nc + g_d + g_h + g_w, mask=ok & d_on & (h_on & w_on)[None, :], other=0.0).to(ACC)
-            dx = wd_c * gv + wh_c * gv + ww_c * gv
-            partial += tl.where(is_centre, tl.sum(xv * gv, axis=1)[:, None], 0.0)
-            partial += tl.where(col == KD + KH + KW, tl.sum(gv, axis=1)[:, None], 0.0)
-            for i in tl.static_range(KD):
-                if i != KD // 2:
-                    t = d + (KD // 2 - i)
-                    m = ok & (t >= 0) & ((t % STRIDE) == 0) & (t // STRIDE < DO) & (h_on & w_on)[None, :]
-                    gv = tl.load(g_nc + (t // STRIDE).to(IDX) * sgd + g_h + g_w, mask=m, other=0.0).to(ACC)
-                    dx += tl.load(wd_ptr + c * KD + i, mask=c_ok, other=0.0).to(ACC)[:, None] * gv
-                    partial += tl.where(col == i, tl.sum(xv * gv, axis=1)[:, None], 0.0)
-            for j in tl.static_range(KH):
-                if j != KH // 2:
-                    t = h + (KH // 2 - j)
-                    m = ok & d_on & ((t >= 0) & ((t % STRIDE) == 0) & (t // STRIDE < HO) & w_on)[None, :]
-                    gv = tl.load(g_nc + g_d + (t // STRIDE).to(IDX)[None, :] * sgh + g_w, mask=m, other=0.0).to(ACC)
-                    dx += tl.load(wh_ptr + c * KH + j, mask=c_ok, other=0.0).to(ACC)[:, None] * gv
-                    partial += tl.where(col == KD + j, tl.sum(xv * gv, axis=1)[:, None], 0.0)
-            for l in tl.static_range(KW):
-                if l != KW // 2:
-                    t = w + (KW // 2 - l)
-                    m = ok & d_on & ((t >= 0) & ((t % STRIDE) == 0) & (t // STRIDE < WO) & h_on)[None, :]
-                    gv = tl.load(g_nc + g_d + g_h + (t // STRIDE).to(IDX)[None, :] * sgw, mask=m, other=0.0).to(ACC)
-                    dx += tl.load(ww_ptr + c * KW + l, mask=c_ok, other=0.0).to(ACC)[:, None] * gv
-                    partial += tl.where(col == KD + KH + l, tl.sum(xv * gv, axis=1)[:, None], 0.0)
-            tl.store(dx_nc + d.to(IDX) * sdd + dx_hw, dx.to(dx_ptr.dtype.element_ty), mask=ok)
-        part_offs = pid_s.to(tl.int64) * C * KPAD + c[:, None] * KPAD + col
-        tl.store(part_ptr + part_offs, partial, mask=c_ok[:, None] & (col < KD + KH + KW + 1))
+        ok = c_ok & (d < D) & ((h < H) & (w < W))
+        d_on = (d % STRIDE) == 0  # p is on the output grid along D
+        hw_on = ((h % STRIDE) == 0) & ((w % STRIDE) == 0)
+        g_c = g_ptr + n.to(IDX) * sgn + c.to(IDX) * sgc
+        g_d = (d // STRIDE).to(IDX) * sgd
+        g_hw = (h // STRIDE).to(IDX) * sgh + (w // STRIDE).to(IDX) * sgw
+        g0 = g_c + g_d + g_hw
+        x0 = x_ptr + n.to(IDX) * sxn + c.to(IDX) * sxc + d.to(IDX) * sxd + (h.to(IDX) * sxh + w.to(IDX) * sxw)
+        part = part_ptr + pid_s.to(tl.int64) * ((KD + KH + KW + 1) * C) + tl.arange(0, BLOCK_C) + \
+            tl.program_id(1) * BLOCK_C
+        part_ok = tl.arange(0, BLOCK_C) + tl.program_id(1) * BLOCK_C < C
+        xv = tl.load(x0, mask=ok, other=0.0).to(ACC)
+        gv = tl.load(g0, mask=ok & d_on & hw_on, other=0.0).to(ACC)
+        dx = (tl.load(wd_ptr + (KD // 2) * C + c, mask=c_ok, other=0.0).to(ACC) * gv
+              + tl.load(wh_ptr + (KH // 2) * C + c, mask=c_ok, other=0.0).to(ACC) * gv
+              + tl.load(ww_ptr + (KW // 2) * C + c, mask=c_ok, other=0.0).to(ACC) * gv)
+        xg = _tap_sum(xv * gv)
+        tl.store(part + (KD // 2) * C, xg, mask=part_ok)
+        tl.store(part + (KD + KH // 2) * C, xg, mask=part_ok)
+        tl.store(part + (KD + KH + KW // 2) * C, xg, mask=part_ok)
+        tl.store(part + (KD + KH + KW) * C, _tap_sum(gv), mask=part_ok)
+        for i in tl.static_range(KD):
+            if i != KD // 2:
+                gv = _grad_tap(g0, g_c + g_hw, d, sgd, DO, ok & hw_on, KD // 2 - i, STRIDE, IDX).to(ACC)
+                dx += tl.load(wd_ptr + i * C + c, mask=c_ok, other=0.0).to(ACC) * gv
+                tl.store(part + i * C, _tap_sum(xv * gv), mask=part_ok)
+        for j in tl.static_range(KH):
+            if j != KH // 2:
+                ok_rest = ok & d_on & ((w % STRIDE) == 0)
+                gv = _grad_tap(g0, g_c + g_d + (w // STRIDE).to(IDX) * sgw, h, sgh, HO, ok_rest,
+                               KH // 2 - j, STRIDE, IDX).to(ACC)
+                dx += tl.load(wh_ptr + j * C + c, mask=c_ok, other=0.0).to(ACC) * gv
+                tl.store(part + (KD + j) * C, _tap_sum(xv * gv), mask=part_ok)
+        for l in tl.static_range(KW):
+            if l != KW // 2:
+                ok_rest = ok & d_on & ((h % STRIDE) == 0)
+                gv = _grad_tap(g0, g_c + g_d + (h // STRIDE).to(IDX) * sgh, w, sgw, WO, ok_rest,
+                               KW // 2 - l, STRIDE, IDX).to(ACC)
+                dx += tl.load(ww_ptr + l * C + c, mask=c_ok, other=0.0).to(ACC) * gv
+                tl.store(part + (KD + KH + l) * C, _tap_sum(xv * gv), mask=part_ok)
+        dx0 = dx_ptr + n.to(IDX) * sdn + c.to(IDX) * sdc + d.to(IDX) * sdd + (h.to(IDX) * sdh + w.to(IDX) * sdw)
+        tl.store(dx0, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -285,10 +288,19 @@ def _index_dtype(*tensors: torch.Tensor):
 
 
 def _grid(n: int, depth: int, rows: int, cols: int, channels: int, cfg: _TileConfig):
-    n_db = triton.cdiv(depth, cfg.d_chunk)
+    n_db = triton.cdiv(depth, cfg.d_tile)
     n_hb = triton.cdiv(rows, cfg.rows_h)
     n_wb = triton.cdiv(cols, cfg.cols_w)
     return (n * n_db * n_hb * n_wb, triton.cdiv(channels, cfg.block_c)), (n_db, n_hb, n_wb)
+
+
+def _block_kwargs(cfg: _TileConfig) -> dict:
+    return dict(BLOCK_C=cfg.block_c, DT=cfg.d_tile, RH=cfg.rows_h, RW=cfg.cols_w, num_warps=cfg.num_warps)
+
+
+def _transposed(*weights: torch.Tensor) -> list[torch.Tensor]:
+    """(C, k) -> (k, C) contiguous: the kernels read one tap's weights across channels."""
+    return [w.t().contiguous() for w in weights]
 
 
 def _triton_forward(x, weight_d, weight_h, weight_w, bias, stride):
@@ -301,16 +313,13 @@ def _triton_forward(x, weight_d, weight_h, weight_w, bias, stride):
     _, _, do, ho, wo = shape
     cfg = _tile_config(x, ho, wo, do)
     grid, (n_db, n_hb, n_wb) = _grid(n, do, ho, wo, c, cfg)
-    weights = [t.contiguous() for t in (weight_d, weight_h, weight_w)]
     _decomposed_conv3d_fwd_kernel[grid](
-        x, *weights, bias.contiguous() if bias is not None else x, y,
+        x, *_transposed(weight_d, weight_h, weight_w), bias.contiguous() if bias is not None else x, y,
         c, d, h, w, do, ho, wo,
         *x.stride(), *y.stride(),
         n_db, n_hb, n_wb,
         KD=kd, KH=kh, KW=kw, STRIDE=stride, HAS_BIAS=bias is not None,
-        ACC=_acc_dtype(x.dtype), IDX=_index_dtype(x, y),
-        BLOCK_C=cfg.block_c, RH=cfg.rows_h, RW=cfg.cols_w, D_CHUNK=cfg.d_chunk,
-        num_warps=cfg.num_warps,
+        ACC=_acc_dtype(x.dtype), IDX=_index_dtype(x, y), **_block_kwargs(cfg),
     )
     return y
 
@@ -326,23 +335,20 @@ def _triton_backward(grad, x, weight_d, weight_h, weight_w, stride):
     _, _, do, ho, wo = grad.shape
     cfg = _tile_config(x, h, w, d)
     grid, (n_db, n_hb, n_wb) = _grid(n, d, h, w, c, cfg)
-    kpad = next_power_of_2(kd + kh + kw + 1)
-    partials = torch.empty((grid[0], c, kpad), dtype=acc_dtype, device=x.device)
-    weights = [t.contiguous() for t in (weight_d, weight_h, weight_w)]
+    partials = torch.empty((grid[0], kd + kh + kw + 1, c), dtype=acc_dtype, device=x.device)
     _decomposed_conv3d_bwd_kernel[grid](
-        x, grad, *weights, dx, partials,
+        x, grad, *_transposed(weight_d, weight_h, weight_w), dx, partials,
         c, d, h, w, do, ho, wo,
         *x.stride(), *grad.stride(), *dx.stride(),
         n_db, n_hb, n_wb,
-        KD=kd, KH=kh, KW=kw, STRIDE=stride, KPAD=kpad,
-        ACC=_acc_dtype(x.dtype), IDX=_index_dtype(x, grad, dx),
-        BLOCK_C=cfg.block_c, RH=cfg.rows_h, RW=cfg.cols_w, D_CHUNK=cfg.d_chunk,
-        num_warps=cfg.num_warps,
+        KD=kd, KH=kh, KW=kw, STRIDE=stride,
+        ACC=_acc_dtype(x.dtype), IDX=_index_dtype(x, grad, dx), **_block_kwargs(cfg),
     )
     # A fixed-order reduction over programs: deterministic run to run.
-    totals = partials[:, :, : kd + kh + kw + 1].sum(dim=0).to(x.dtype)
-    dwd, dwh, dww, db = totals.split([kd, kh, kw, 1], dim=1)
-    return dx, dwd.contiguous(), dwh.contiguous(), dww.contiguous(), db.reshape(c).contiguous()
+    totals = partials.sum(dim=0).to(x.dtype)  # (kd + kh + kw + 1, C)
+    # clone, not contiguous(): a (C, 1) transposed slice counts as contiguous and would alias.
+    dwd, dwh, dww, db = (t.t().clone(memory_format=torch.contiguous_format) for t in totals.split([kd, kh, kw, 1]))
+    return dx, dwd, dwh, dww, db.reshape(c)
 
 
 # ----------------------------------------------------------------------------------------

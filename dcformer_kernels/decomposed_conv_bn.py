@@ -6,7 +6,8 @@ The branch outputs z_b = K_b x are never written to memory (derivation: docs/fus
 
 Forward (two reads of x):
   1. stats kernel: z_b for the three branches in registers; per-program (count, mean, M2) per
-     channel and branch, merged with Chan's parallel formula (stable when |mean| >> std);
+     channel and branch (two passes over the block in registers), merged across programs with
+     Chan's parallel formula in float64 (stable when |mean| >> std);
   2. the batch statistics fold into the fused conv: weights (γ_b/σ_b)·w_b and one bias
      Σ_b (β_b − γ_b μ_b/σ_b); the existing fused forward kernel writes y.
   The conv biases c_b cancel in training-mode BN: they only enter the running means.
@@ -22,20 +23,22 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import HAS_TRITON, next_power_of_2
+from ._dispatch import HAS_TRITON
 from .decomposed_conv import (
     _acc_dtype,
+    _block_kwargs,
     _grid,
     _index_dtype,
     _memory_format,
     _tile_config,
+    _transposed,
     check_decomposed_conv3d_args,
 )
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
-    from .decomposed_conv import _tile_coords
+    from .decomposed_conv import _block_coords
 
 __all__ = ["decomposed_conv3d_batchnorm_train", "DecomposedConv3dBatchNormFunction"]
 
@@ -47,214 +50,147 @@ _N_COEF = 10  # a_b (3), e_b (3), μ_b (3), m_g
 if HAS_TRITON:
 
     @triton.jit
-    def _branch(x_nc, w_ptr, c, c_ok, d, h, w, ok, D, H, W, sxd, sxh, sxw,
-                AXIS: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
-                BLOCK_C: tl.constexpr, BS: tl.constexpr):
-        """z = K_b x at positions (d, h, w) ([1, BS] blocks) for the branch along AXIS; 0 where not ok."""
-        z = tl.zeros([BLOCK_C, BS], dtype=ACC)
+    def _branch(x0, w_ptr, c, c_ok, pos, n_pos, s_axis, ok, C,
+                SHIFT: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr):
+        """z_b = K_b x at pos + SHIFT along the branch's axis (x0 points at pos); 0 where not ok."""
+        z = tl.zeros(ok.shape, dtype=ACC)
         for i in tl.static_range(K):
-            if AXIS == 0:
-                dd = d + (i - K // 2)
-                m = ok & (dd >= 0) & (dd < D)
-                off = dd.to(IDX) * sxd + h.to(IDX) * sxh + w.to(IDX) * sxw
-            elif AXIS == 1:
-                hh = h + (i - K // 2)
-                m = ok & (hh >= 0) & (hh < H)
-                off = d.to(IDX) * sxd + hh.to(IDX) * sxh + w.to(IDX) * sxw
-            else:
-                ww = w + (i - K // 2)
-                m = ok & (ww >= 0) & (ww < W)
-                off = d.to(IDX) * sxd + h.to(IDX) * sxh + ww.to(IDX) * sxw
-            wv = tl.load(w_ptr + c * K + i, mask=c_ok, other=0.0).to(ACC)
-            z += wv[:, None] * tl.load(x_nc + off, mask=m, other=0.0).to(ACC)
+            q = pos + (SHIFT + i - K // 2)
+            xv = tl.load(x0 + tl.cast(SHIFT + i - K // 2, IDX) * s_axis, mask=ok & ((q >= 0) & (q < n_pos)), other=0.0)
+            z += tl.load(w_ptr + i * C + c, mask=c_ok, other=0.0).to(ACC) * xv.to(ACC)
         return z
 
     @triton.jit
-    def _chan_merge(n_a, mean_a, m2_a, n_b, z, ok):
-        """Merge a tile's values z (valid where ok, n_b per channel) into (n_a, mean_a, M2_a)."""
-        mean_b = tl.sum(z, axis=1) / tl.maximum(n_b, 1.0)
-        dev = tl.where(ok, z - mean_b[:, None], 0.0)
-        m2_b = tl.sum(dev * dev, axis=1)
-        n = n_a + n_b
-        delta = mean_b - mean_a
-        frac = n_b / tl.maximum(n, 1.0)
-        return mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
+    def _block_sum(v):
+        """[DT, BLOCK_C, S] -> [BLOCK_C]."""
+        return tl.sum(tl.sum(v, axis=2), axis=0)
+
+    @triton.jit
+    def _store_mean_m2(mean_ptr, m2_ptr, z, ok, count, mask):
+        """The block's per-channel mean and sum of squared deviations of z (valid where ok)."""
+        mean = _block_sum(z) / tl.maximum(count, 1.0)
+        dev = tl.where(ok, z - mean[None, :, None], 0.0)
+        tl.store(mean_ptr, mean, mask=mask)
+        tl.store(m2_ptr, _block_sum(dev * dev), mask=mask)
 
     @triton.jit
     def _bn_stats_kernel(
         x_ptr, wd_ptr, wh_ptr, ww_ptr, part_ptr,
         C, D, H, W, sxn, sxc, sxd, sxh, sxw, n_db, n_hb, n_wb,
         KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
-        BLOCK_C: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, D_CHUNK: tl.constexpr,
+        BLOCK_C: tl.constexpr, DT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     ):
         pid_s = tl.program_id(0)
-        n, d0, h, w, c = _tile_coords(pid_s, tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, RH, RW, D_CHUNK)
+        n, d, c, h, w = _block_coords(pid_s, tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, DT, RH, RW)
         c_ok = c < C
-        tile_ok = c_ok[:, None] & ((h < H) & (w < W))[None, :]
-        h2 = h[None, :]
-        w2 = w[None, :]
-        x_nc = x_ptr + n.to(IDX) * sxn + c.to(IDX)[:, None] * sxc
-        count = tl.zeros([BLOCK_C], dtype=ACC)
-        mean_d = tl.zeros([BLOCK_C], dtype=ACC)
-        m2_d = tl.zeros([BLOCK_C], dtype=ACC)
-        mean_h = tl.zeros([BLOCK_C], dtype=ACC)
-        m2_h = tl.zeros([BLOCK_C], dtype=ACC)
-        mean_w = tl.zeros([BLOCK_C], dtype=ACC)
-        m2_w = tl.zeros([BLOCK_C], dtype=ACC)
-        for dd in range(D_CHUNK):
-            d = tl.zeros([1, RH * RW], dtype=tl.int32) + (d0 + dd)
-            ok = tile_ok & (d < D)
-            n_tile = tl.sum(ok.to(ACC), axis=1)
-            z = _branch(x_nc, wd_ptr, c, c_ok, d, h2, w2, ok, D, H, W, sxd, sxh, sxw, 0, KD, ACC, IDX, BLOCK_C, RH * RW)
-            mean_d, m2_d = _chan_merge(count, mean_d, m2_d, n_tile, z, ok)
-            z = _branch(x_nc, wh_ptr, c, c_ok, d, h2, w2, ok, D, H, W, sxd, sxh, sxw, 1, KH, ACC, IDX, BLOCK_C, RH * RW)
-            mean_h, m2_h = _chan_merge(count, mean_h, m2_h, n_tile, z, ok)
-            z = _branch(x_nc, ww_ptr, c, c_ok, d, h2, w2, ok, D, H, W, sxd, sxh, sxw, 2, KW, ACC, IDX, BLOCK_C, RH * RW)
-            mean_w, m2_w = _chan_merge(count, mean_w, m2_w, n_tile, z, ok)
-            count += n_tile
-        base = part_ptr + pid_s.to(tl.int64) * C * 7 + c * 7
-        tl.store(base + 0, count, mask=c_ok)
-        tl.store(base + 1, mean_d, mask=c_ok)
-        tl.store(base + 2, m2_d, mask=c_ok)
-        tl.store(base + 3, mean_h, mask=c_ok)
-        tl.store(base + 4, m2_h, mask=c_ok)
-        tl.store(base + 5, mean_w, mask=c_ok)
-        tl.store(base + 6, m2_w, mask=c_ok)
+        ok = c_ok & (d < D) & ((h < H) & (w < W))
+        x0 = x_ptr + n.to(IDX) * sxn + c.to(IDX) * sxc + d.to(IDX) * sxd + (h.to(IDX) * sxh + w.to(IDX) * sxw)
+        ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        base = part_ptr + pid_s.to(tl.int64) * (7 * C) + ch  # (P, 7, C)
+        count = _block_sum(ok.to(ACC))
+        tl.store(base, count, mask=ch < C)
+        z = _branch(x0, wd_ptr, c, c_ok, d, D, sxd, ok, C, 0, KD, ACC, IDX)
+        _store_mean_m2(base + C, base + 2 * C, z, ok, count, ch < C)
+        z = _branch(x0, wh_ptr, c, c_ok, h, H, sxh, ok, C, 0, KH, ACC, IDX)
+        _store_mean_m2(base + 3 * C, base + 4 * C, z, ok, count, ch < C)
+        z = _branch(x0, ww_ptr, c, c_ok, w, W, sxw, ok, C, 0, KW, ACC, IDX)
+        _store_mean_m2(base + 5 * C, base + 6 * C, z, ok, count, ch < C)
 
     @triton.jit
     def _bn_grad_sums_kernel(
         x_ptr, g_ptr, wd_ptr, wh_ptr, ww_ptr, part_ptr,
         C, D, H, W, sxn, sxc, sxd, sxh, sxw, sgn, sgc, sgd, sgh, sgw, n_db, n_hb, n_wb,
         KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
-        BLOCK_C: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, D_CHUNK: tl.constexpr,
+        BLOCK_C: tl.constexpr, DT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     ):
         pid_s = tl.program_id(0)
-        n, d0, h, w, c = _tile_coords(pid_s, tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, RH, RW, D_CHUNK)
+        n, d, c, h, w = _block_coords(pid_s, tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, DT, RH, RW)
         c_ok = c < C
-        tile_ok = c_ok[:, None] & ((h < H) & (w < W))[None, :]
-        h2 = h[None, :]
-        w2 = w[None, :]
-        x_nc = x_ptr + n.to(IDX) * sxn + c.to(IDX)[:, None] * sxc
-        g_nc = g_ptr + n.to(IDX) * sgn + c.to(IDX)[:, None] * sgc
-        g_hw = h2.to(IDX) * sgh + w2.to(IDX) * sgw
-        sum_g = tl.zeros([BLOCK_C], dtype=ACC)
-        sum_gd = tl.zeros([BLOCK_C], dtype=ACC)
-        sum_gh = tl.zeros([BLOCK_C], dtype=ACC)
-        sum_gw = tl.zeros([BLOCK_C], dtype=ACC)
-        for dd in range(D_CHUNK):
-            d = tl.zeros([1, RH * RW], dtype=tl.int32) + (d0 + dd)
-            ok = tile_ok & (d < D)
-            gv = tl.load(g_nc + d.to(IDX) * sgd + g_hw, mask=ok, other=0.0).to(ACC)
-            sum_g += tl.sum(gv, axis=1)
-            z = _branch(x_nc, wd_ptr, c, c_ok, d, h2, w2, ok, D, H, W, sxd, sxh, sxw, 0, KD, ACC, IDX, BLOCK_C, RH * RW)
-            sum_gd += tl.sum(gv * z, axis=1)
-            z = _branch(x_nc, wh_ptr, c, c_ok, d, h2, w2, ok, D, H, W, sxd, sxh, sxw, 1, KH, ACC, IDX, BLOCK_C, RH * RW)
-            sum_gh += tl.sum(gv * z, axis=1)
-            z = _branch(x_nc, ww_ptr, c, c_ok, d, h2, w2, ok, D, H, W, sxd, sxh, sxw, 2, KW, ACC, IDX, BLOCK_C, RH * RW)
-            sum_gw += tl.sum(gv * z, axis=1)
-        base = part_ptr + pid_s.to(tl.int64) * C * 4 + c * 4
-        tl.store(base + 0, sum_g, mask=c_ok)
-        tl.store(base + 1, sum_gd, mask=c_ok)
-        tl.store(base + 2, sum_gh, mask=c_ok)
-        tl.store(base + 3, sum_gw, mask=c_ok)
+        ok = c_ok & (d < D) & ((h < H) & (w < W))
+        x0 = x_ptr + n.to(IDX) * sxn + c.to(IDX) * sxc + d.to(IDX) * sxd + (h.to(IDX) * sxh + w.to(IDX) * sxw)
+        g0 = g_ptr + n.to(IDX) * sgn + c.to(IDX) * sgc + d.to(IDX) * sgd + (h.to(IDX) * sgh + w.to(IDX) * sgw)
+        gv = tl.load(g0, mask=ok, other=0.0).to(ACC)
+        ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        base = part_ptr + pid_s.to(tl.int64) * (4 * C) + ch  # (P, 4, C)
+        tl.store(base, _block_sum(gv), mask=ch < C)
+        z = _branch(x0, wd_ptr, c, c_ok, d, D, sxd, ok, C, 0, KD, ACC, IDX)
+        tl.store(base + C, _block_sum(gv * z), mask=ch < C)
+        z = _branch(x0, wh_ptr, c, c_ok, h, H, sxh, ok, C, 0, KH, ACC, IDX)
+        tl.store(base + 2 * C, _block_sum(gv * z), mask=ch < C)
+        z = _branch(x0, ww_ptr, c, c_ok, w, W, sxw, ok, C, 0, KW, ACC, IDX)
+        tl.store(base + 3 * C, _block_sum(gv * z), mask=ch < C)
 
     @triton.jit
-    def _bn_branch_grad(x_nc, g_nc, w_ptr, coef_ptr, c, c_ok, xv, d, h, w, ok, D, H, W,
-                        sxd, sxh, sxw, sgd, sgh, sgw, dx, partial, col,
-                        AXIS: tl.constexpr, K: tl.constexpr, COL0: tl.constexpr, ACC: tl.constexpr,
-                        IDX: tl.constexpr, BLOCK_C: tl.constexpr, BS: tl.constexpr):
-        """Add branch AXIS's share of dx at p and of the weight-gradient partials.
+    def _bn_branch_grad(x0, g0, w_ptr, coef_ptr, c, c_ok, xv, pos, n_pos, sx_axis, sg_axis, ok, C, dx, part,
+                        part_ok, AXIS: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr):
+        """Add branch AXIS's share of dx at p and store its weight-gradient partials.
 
         Tap i reaches p from output o = p + K//2 − i (along AXIS); dz_b(o) is rebuilt there from
         g(o) and z_b(o) = K_b x (o), which is recomputed from x.
         """
-        a = tl.load(coef_ptr + c * 10 + AXIS, mask=c_ok, other=0.0)[:, None]
-        e = tl.load(coef_ptr + c * 10 + 3 + AXIS, mask=c_ok, other=0.0)[:, None]
-        mu = tl.load(coef_ptr + c * 10 + 6 + AXIS, mask=c_ok, other=0.0)[:, None]
-        mg = tl.load(coef_ptr + c * 10 + 9, mask=c_ok, other=0.0)[:, None]
+        a = tl.load(coef_ptr + c * 10 + AXIS, mask=c_ok, other=0.0)
+        e = tl.load(coef_ptr + c * 10 + 3 + AXIS, mask=c_ok, other=0.0)
+        mu = tl.load(coef_ptr + c * 10 + 6 + AXIS, mask=c_ok, other=0.0)
+        mg = tl.load(coef_ptr + c * 10 + 9, mask=c_ok, other=0.0)
         for i in tl.static_range(K):
-            if AXIS == 0:
-                od = d + (K // 2 - i)
-                oh = h
-                ow = w
-                m = ok & (od >= 0) & (od < D)
-            elif AXIS == 1:
-                od = d
-                oh = h + (K // 2 - i)
-                ow = w
-                m = ok & (oh >= 0) & (oh < H)
-            else:
-                od = d
-                oh = h
-                ow = w + (K // 2 - i)
-                m = ok & (ow >= 0) & (ow < W)
-            gv = tl.load(g_nc + od.to(IDX) * sgd + oh.to(IDX) * sgh + ow.to(IDX) * sgw, mask=m, other=0.0).to(ACC)
-            z = _branch(x_nc, w_ptr, c, c_ok, od, oh, ow, m, D, H, W, sxd, sxh, sxw, AXIS, K, ACC, IDX, BLOCK_C, BS)
+            o = pos + (K // 2 - i)
+            m = ok & ((o >= 0) & (o < n_pos))
+            gv = tl.load(g0 + tl.cast(K // 2 - i, IDX) * sg_axis, mask=m, other=0.0).to(ACC)
+            z = _branch(x0, w_ptr, c, c_ok, pos, n_pos, sx_axis, m, C, K // 2 - i, K, ACC, IDX)
             dz = tl.where(m, a * (gv - mg) - e * (z - mu), 0.0)
-            dx += tl.load(w_ptr + c * K + i, mask=c_ok, other=0.0).to(ACC)[:, None] * dz
-            partial += tl.where(col == COL0 + i, tl.sum(xv * dz, axis=1)[:, None], 0.0)
-        return dx, partial
+            dx += tl.load(w_ptr + i * C + c, mask=c_ok, other=0.0).to(ACC) * dz
+            tl.store(part + i * C, _block_sum(xv * dz), mask=part_ok)
+        return dx
 
     @triton.jit
     def _bn_dx_kernel(
         x_ptr, g_ptr, wd_ptr, wh_ptr, ww_ptr, coef_ptr, dx_ptr, part_ptr,
         C, D, H, W, sxn, sxc, sxd, sxh, sxw, sgn, sgc, sgd, sgh, sgw, sdn, sdc, sdd, sdh, sdw,
         n_db, n_hb, n_wb,
-        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, KPAD: tl.constexpr, ACC: tl.constexpr,
-        IDX: tl.constexpr, BLOCK_C: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, D_CHUNK: tl.constexpr,
+        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
+        BLOCK_C: tl.constexpr, DT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     ):
         pid_s = tl.program_id(0)
-        n, d0, h, w, c = _tile_coords(pid_s, tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, RH, RW, D_CHUNK)
+        n, d, c, h, w = _block_coords(pid_s, tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, DT, RH, RW)
         c_ok = c < C
-        tile_ok = c_ok[:, None] & ((h < H) & (w < W))[None, :]
-        h2 = h[None, :]
-        w2 = w[None, :]
-        x_nc = x_ptr + n.to(IDX) * sxn + c.to(IDX)[:, None] * sxc
-        g_nc = g_ptr + n.to(IDX) * sgn + c.to(IDX)[:, None] * sgc
-        dx_nc = dx_ptr + n.to(IDX) * sdn + c.to(IDX)[:, None] * sdc
-        col = tl.arange(0, KPAD)[None, :]
-        partial = tl.zeros([BLOCK_C, KPAD], dtype=ACC)
-        for dd in range(D_CHUNK):
-            d = tl.zeros([1, RH * RW], dtype=tl.int32) + (d0 + dd)
-            ok = tile_ok & (d < D)
-            xv = tl.load(x_nc + d.to(IDX) * sxd + h2.to(IDX) * sxh + w2.to(IDX) * sxw, mask=ok, other=0.0).to(ACC)
-            dx = tl.zeros([BLOCK_C, RH * RW], dtype=ACC)
-            dx, partial = _bn_branch_grad(x_nc, g_nc, wd_ptr, coef_ptr, c, c_ok, xv, d, h2, w2, ok, D, H, W,
-                                          sxd, sxh, sxw, sgd, sgh, sgw, dx, partial, col,
-                                          0, KD, 0, ACC, IDX, BLOCK_C, RH * RW)
-            dx, partial = _bn_branch_grad(x_nc, g_nc, wh_ptr, coef_ptr, c, c_ok, xv, d, h2, w2, ok, D, H, W,
-                                          sxd, sxh, sxw, sgd, sgh, sgw, dx, partial, col,
-                                          1, KH, KD, ACC, IDX, BLOCK_C, RH * RW)
-            dx, partial = _bn_branch_grad(x_nc, g_nc, ww_ptr, coef_ptr, c, c_ok, xv, d, h2, w2, ok, D, H, W,
-                                          sxd, sxh, sxw, sgd, sgh, sgw, dx, partial, col,
-                                          2, KW, KD + KH, ACC, IDX, BLOCK_C, RH * RW)
-            tl.store(dx_nc + d.to(IDX) * sdd + h2.to(IDX) * sdh + w2.to(IDX) * sdw,
-                     dx.to(dx_ptr.dtype.element_ty), mask=ok)
-        part_offs = pid_s.to(tl.int64) * C * KPAD + c[:, None] * KPAD + col
-        tl.store(part_ptr + part_offs, partial, mask=c_ok[:, None] & (col < KD + KH + KW))
+        ok = c_ok & (d < D) & ((h < H) & (w < W))
+        x0 = x_ptr + n.to(IDX) * sxn + c.to(IDX) * sxc + d.to(IDX) * sxd + (h.to(IDX) * sxh + w.to(IDX) * sxw)
+        g0 = g_ptr + n.to(IDX) * sgn + c.to(IDX) * sgc + d.to(IDX) * sgd + (h.to(IDX) * sgh + w.to(IDX) * sgw)
+        ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        part = part_ptr + pid_s.to(tl.int64) * ((KD + KH + KW) * C) + ch  # (P, KD+KH+KW, C)
+        xv = tl.load(x0, mask=ok, other=0.0).to(ACC)
+        dx = tl.zeros(ok.shape, dtype=ACC)
+        dx = _bn_branch_grad(x0, g0, wd_ptr, coef_ptr, c, c_ok, xv, d, D, sxd, sgd, ok, C, dx, part,
+                             ch < C, 0, KD, ACC, IDX)
+        dx = _bn_branch_grad(x0, g0, wh_ptr, coef_ptr, c, c_ok, xv, h, H, sxh, sgh, ok, C, dx, part + KD * C,
+                             ch < C, 1, KH, ACC, IDX)
+        dx = _bn_branch_grad(x0, g0, ww_ptr, coef_ptr, c, c_ok, xv, w, W, sxw, sgw, ok, C, dx, part + (KD + KH) * C,
+                             ch < C, 2, KW, ACC, IDX)
+        dx0 = dx_ptr + n.to(IDX) * sdn + c.to(IDX) * sdc + d.to(IDX) * sdd + (h.to(IDX) * sdh + w.to(IDX) * sdw)
+        tl.store(dx0, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
 def _launch(kernel, x, tensors, strides, n_cols, extra_constexpr=None):
-    """Run one of the tile kernels over x's positions; returns per-program partials (P, C, n_cols)."""
+    """Run one of the block kernels over x's positions; returns per-program partials (P, n_cols, C)."""
     n, c, d, h, w = x.shape
     cfg = _tile_config(x, h, w, d)
     grid, (n_db, n_hb, n_wb) = _grid(n, d, h, w, c, cfg)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    partials = torch.empty((grid[0], c, n_cols), dtype=acc, device=x.device)
+    partials = torch.empty((grid[0], n_cols, c), dtype=acc, device=x.device)
     kernel[grid](*tensors, partials, c, d, h, w, *strides, n_db, n_hb, n_wb,
                  **(extra_constexpr or {}), ACC=_acc_dtype(x.dtype), IDX=_index_dtype(*(t for t in tensors if t.dim() == 5)),
-                 BLOCK_C=cfg.block_c, RH=cfg.rows_h, RW=cfg.cols_w, D_CHUNK=cfg.d_chunk, num_warps=cfg.num_warps)
+                 **_block_kwargs(cfg))
     return partials
 
 
 def _merge_stats(partials: torch.Tensor):
     """Chan's merge over programs, in float64: per-branch mean and biased variance, and the count."""
     p = partials.double()
-    count = p[:, :, 0]
+    count = p[:, 0]
     total = count.sum(0)
     means, variances = [], []
     for b in range(3):
-        mean_p, m2_p = p[:, :, 1 + 2 * b], p[:, :, 2 + 2 * b]
+        mean_p, m2_p = p[:, 1 + 2 * b], p[:, 2 + 2 * b]
         mean = (count * mean_p).sum(0) / total
         m2 = m2_p.sum(0) + (count * (mean_p - mean) ** 2).sum(0)
         means.append(mean)
@@ -262,15 +198,19 @@ def _merge_stats(partials: torch.Tensor):
     return torch.stack(means), torch.stack(variances), total[0]
 
 
+def _triton_bn_stats(x, weight_d, weight_h, weight_w):
+    weights = _transposed(weight_d, weight_h, weight_w)
+    kd, kh, kw = (t.shape[0] for t in weights)
+    partials = _launch(_bn_stats_kernel, x, (x, *weights), x.stride(), _N_STATS, dict(KD=kd, KH=kh, KW=kw))
+    mean, var, _ = _merge_stats(partials)
+    return mean, var
+
+
 @torch.library.custom_op("dcformer_kernels::decomposed_conv3d_bn_stats", mutates_args=())
 def _bn_stats_op(x: torch.Tensor, weight_d: torch.Tensor, weight_h: torch.Tensor,
                  weight_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-branch batch mean and biased variance of K_b x, each (3, C) float64."""
-    weights = [t.contiguous() for t in (weight_d, weight_h, weight_w)]
-    kd, kh, kw = (t.shape[1] for t in weights)
-    partials = _launch(_bn_stats_kernel, x, (x, *weights), x.stride(), _N_STATS, dict(KD=kd, KH=kh, KW=kw))
-    mean, var, _ = _merge_stats(partials)
-    return mean, var
+    return _triton_bn_stats(x, weight_d, weight_h, weight_w)
 
 
 @_bn_stats_op.register_fake
@@ -279,30 +219,33 @@ def _(x, weight_d, weight_h, weight_w):
     return x.new_empty(shape, dtype=torch.float64), x.new_empty(shape, dtype=torch.float64)
 
 
-@torch.library.custom_op("dcformer_kernels::decomposed_conv3d_bn_backward", mutates_args=())
-def _bn_backward_op(grad: torch.Tensor, x: torch.Tensor, weight_d: torch.Tensor, weight_h: torch.Tensor,
-                    weight_w: torch.Tensor, gamma: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx, dweight_d/h/w, dgamma (3, C), dbeta (3, C) of the training-mode fused unit."""
-    weights = [t.contiguous() for t in (weight_d, weight_h, weight_w)]
-    kd, kh, kw = (t.shape[1] for t in weights)
+def _triton_bn_backward(grad, x, weight_d, weight_h, weight_w, gamma, mean, std):
+    weights = _transposed(weight_d, weight_h, weight_w)
+    kd, kh, kw = (t.shape[0] for t in weights)
     strides = (*x.stride(), *grad.stride())
     sums = _launch(_bn_grad_sums_kernel, x, (x, grad, *weights), strides, _N_SUMS,
                    dict(KD=kd, KH=kh, KW=kw)).double().sum(0)
     count = x.numel() // x.shape[1]
-    sum_g, sum_gz = sums[:, 0], sums[:, 1:].T  # (C,), (3, C)
+    sum_g, sum_gz = sums[0], sums[1:]  # (C,), (3, C)
     gamma64, mean64, std64 = gamma.double(), mean.double(), std.double()
     dgamma = (sum_gz - mean64 * sum_g) / std64  # Σ g (z_b − μ_b) / σ_b
     m_b = dgamma / count
     coef = torch.cat([gamma64 / std64, gamma64 * m_b / std64**2, mean64, (sum_g / count)[None]]).T
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
-    kpad = next_power_of_2(kd + kh + kw)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     partials = _launch(_bn_dx_kernel, x, (x, grad, *weights, coef.to(acc).contiguous(), dx),
-                       (*strides, *dx.stride()), kpad, dict(KD=kd, KH=kh, KW=kw, KPAD=kpad))
-    dw = partials[:, :, : kd + kh + kw].sum(0).to(x.dtype).split([kd, kh, kw], dim=1)
+                       (*strides, *dx.stride()), kd + kh + kw, dict(KD=kd, KH=kh, KW=kw))
+    dw = (t.t().clone(memory_format=torch.contiguous_format) for t in partials.sum(0).to(x.dtype).split([kd, kh, kw]))
     dbeta = sum_g.expand(3, -1)
-    return (dx, *(t.contiguous() for t in dw), dgamma.to(gamma.dtype), dbeta.to(gamma.dtype).contiguous())
+    return (dx, *dw, dgamma.to(gamma.dtype), dbeta.to(gamma.dtype).contiguous())
+
+
+@torch.library.custom_op("dcformer_kernels::decomposed_conv3d_bn_backward", mutates_args=())
+def _bn_backward_op(grad: torch.Tensor, x: torch.Tensor, weight_d: torch.Tensor, weight_h: torch.Tensor,
+                    weight_w: torch.Tensor, gamma: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx, dweight_d/h/w, dgamma (3, C), dbeta (3, C) of the training-mode fused unit."""
+    return _triton_bn_backward(grad, x, weight_d, weight_h, weight_w, gamma, mean, std)
 
 
 @_bn_backward_op.register_fake

@@ -203,18 +203,44 @@ if HAS_TRITON:
         return positive
 
     @triton.jit
-    def _softplus(u):
-        """log(1 + exp(u)); log1p by Goldberg's trick, so exp(-|u|) below eps is not rounded away."""
-        e = tl.exp(-tl.abs(u))
-        one_plus = 1.0 + e
-        exact = one_plus == 1.0
-        log1p = tl.where(exact, e, tl.log(one_plus) * (e / tl.where(exact, 1.0, one_plus - 1.0)))
-        return tl.where(u > 0, u, 0.0) + log1p  # NaN in u stays NaN through log1p
+    def _log1p_unit(e, ACC: tl.constexpr):
+        """log(1 + e) for 0 <= e <= 1, accurate relative to e however small e is.
+
+        fp32: 2 atanh(s) with s = e / (2 + e) <= 1/3, the odd series to s^15 (truncation below
+        1e-9 relative): one approximate reciprocal and nine FMAs. libdevice's logf plus an IEEE
+        division cost ~3x the instructions, and in the forward this runs once per pair against
+        a d-long dot product (bench/siglip_notes.md). fp64: log with Goldberg's correction.
+        """
+        if ACC == tl.float64:
+            one_plus = 1.0 + e
+            exact = one_plus == 1.0
+            return tl.where(exact, e, tl.log(one_plus) * (e / tl.where(exact, 1.0, one_plus - 1.0)))
+        else:
+            s = tl.fdiv(e, 2.0 + e, ieee_rounding=False)
+            s2 = s * s
+            p = 1.0 / 15.0 + s2 * (1.0 / 17.0)
+            p = 1.0 / 13.0 + s2 * p
+            p = 1.0 / 11.0 + s2 * p
+            p = 1.0 / 9.0 + s2 * p
+            p = 1.0 / 7.0 + s2 * p
+            p = 1.0 / 5.0 + s2 * p
+            p = 1.0 / 3.0 + s2 * p
+            p = 1.0 + s2 * p
+            return 2.0 * s * p
 
     @triton.jit
-    def _sigmoid(u):
+    def _softplus(u, ACC: tl.constexpr):
+        """log(1 + exp(u)) = max(u, 0) + log1p(exp(-|u|)); NaN in u stays NaN."""
+        return tl.maximum(u, 0.0) + _log1p_unit(tl.exp(-tl.abs(u)), ACC)
+
+    @triton.jit
+    def _sigmoid(u, ACC: tl.constexpr):
         e = tl.exp(-tl.abs(u))
-        return tl.where(u >= 0, 1.0, e) / (1.0 + e)
+        num = tl.where(u >= 0, 1.0, e)
+        if ACC == tl.float64:
+            return num / (1.0 + e)
+        else:
+            return tl.fdiv(num, 1.0 + e, ieee_rounding=False)  # approximate: ~2 ulp, no slow path
 
     @triton.jit
     def _siglip_fwd_kernel(
@@ -241,7 +267,7 @@ if HAS_TRITON:
             logits = t * _pair_dots(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D, sx0, sx1, sy0, sy1,
                                     BLOCK_R, BLOCK_C, BLOCK_D, PREC, ACC, IDX) + b
             positive = _positive_pairs(rows, cols, col_ok, row_start, col_start, row_group, gy_ptr, HAS_GROUPS)
-            pair_loss = _softplus(tl.where(positive, -logits, logits))  # -log sigmoid(z S)
+            pair_loss = _softplus(tl.where(positive, -logits, logits), ACC)  # -log sigmoid(z S)
             row_loss += tl.sum(tl.where(row_ok[:, None] & col_ok[None, :], pair_loss, 0.0), axis=1)
         tl.store(part_ptr + pid_r * tl.num_programs(1) + pid_s, tl.sum(row_loss, axis=0))
 
@@ -278,7 +304,7 @@ if HAS_TRITON:
                               BLOCK_R, BLOCK_C, BLOCK_D, PREC, ACC, IDX)
             logits = t * dots + b
             positive = _positive_pairs(rows, cols, col_ok, a_start, b_start, row_group, gb_ptr, HAS_GROUPS)
-            sig = _sigmoid(tl.where(positive, -logits, logits))
+            sig = _sigmoid(tl.where(positive, -logits, logits), ACC)
             # The 1/B stays out of the tile so that fp16 tiles do not underflow; applied below.
             dlogit = tl.where(row_ok[:, None] & col_ok[None, :], tl.where(positive, -sig, sig), 0.0)
             if PARAM_GRADS:
@@ -318,7 +344,7 @@ if HAS_TRITON:
         if HAS_GROUPS:
             row_group = tl.load(grow_ptr + rows, mask=row_ok, other=0)
         positive = _positive_pairs(rows, cols, col_ok, row_start, col_start, row_group, gcol_ptr, HAS_GROUPS)
-        sig = _sigmoid(tl.where(positive, -logits, logits))
+        sig = _sigmoid(tl.where(positive, -logits, logits), ACC)
         dlogit = tl.where(ok, tl.where(positive, -sig, sig), 0.0)
         tl.store(g_ptr + offsets, dlogit.to(g_ptr.dtype.element_ty), mask=ok)
         part = part_ptr + 2 * (pid_r * tl.num_programs(1) + pid_c)

@@ -150,6 +150,28 @@ def test_gradcheck_fp64(batch, grouped, fast, impl, monkeypatch):
         inputs, fast_mode=fast)
 
 
+def test_pair_functions_are_accurate_in_fp32():
+    """The kernels' softplus (series log1p) and sigmoid (approximate division) against float64,
+    from logits where exp(-|u|) is ~1e-38 to where it is 1, and +-inf (u = -inf: the loss term is 0)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def pair_functions(u_ptr, sp_ptr, sg_ptr, N: tl.constexpr):
+        u = tl.load(u_ptr + tl.arange(0, N))
+        tl.store(sp_ptr + tl.arange(0, N), siglip_mod._softplus(u, tl.float32))
+        tl.store(sg_ptr + tl.arange(0, N), siglip_mod._sigmoid(u, tl.float32))
+
+    mags = torch.cat([torch.logspace(-8, 1.9, 60, dtype=torch.float64), torch.tensor([0.0, 0.5, 1.0, 2.0])])
+    u = torch.cat([mags, -mags, torch.tensor([math.inf, -math.inf], dtype=torch.float64)])
+    u = torch.cat([u, torch.zeros(256 - u.numel(), dtype=torch.float64)])
+    softplus, sigmoid = torch.empty(256), torch.empty(256)
+    pair_functions[(1,)](u.float(), softplus, sigmoid, N=256)
+    u32 = u.float().double()  # the kernel sees u rounded to fp32
+    torch.testing.assert_close(softplus.double(), torch.nn.functional.softplus(u32), rtol=4e-7, atol=0)
+    torch.testing.assert_close(sigmoid.double(), torch.sigmoid(u32), rtol=4e-7, atol=0)
+
+
 def test_init_value_matches_mean_field():
     """At t' = log 10, b = -10 and random unit vectors the loss is ~ 10 + (B-1) * log(1 + e^-10).
 
