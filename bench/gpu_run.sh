@@ -4,6 +4,7 @@
 #   bash bench/gpu_run.sh conv     # bench_conv --quick: kernel vs PyTorch convs   (~2 min)
 #   bash bench/gpu_run.sh siglip   # bench_siglip --quick                          (~1 min)
 #   bash bench/gpu_run.sh models   # model suite, --budget-s 80                    (~1.5 min)
+#   bash bench/gpu_run.sh tune     # tune_conv: time the SASS model's candidate tiles (~3-5 min, compiles)
 # One stage per call: on 2026-11-27 all four in one 340 s call overran and returned nothing
 # (bench/results/gpu_runs.md). Results go to $OUT (default bench/results/gpu).
 set -u
@@ -18,5 +19,6 @@ case "${1:-}" in
   conv) python3 -m bench.bench_conv --quick --out "$OUT" ;;
   siglip) python3 -m bench.bench_siglip --quick --out "$OUT" ;;
   models) python3 -m bench.run_all --gpu --budget-s 80 --no-progress --out "$OUT" ;;
-  *) echo "usage: bash bench/gpu_run.sh tests|conv|siglip|models" >&2; exit 2 ;;
+  tune) python3 -m bench.tune_conv --out "$OUT" ;;
+  *) echo "usage: bash bench/gpu_run.sh tests|conv|siglip|models|tune" >&2; exit 2 ;;
 esac

@@ -44,7 +44,6 @@ __all__ = ["decomposed_conv3d_batchnorm_train", "DecomposedConv3dBatchNormFuncti
 
 _N_STATS = 7  # count, then (mean, M2) for D, H, W
 _N_SUMS = 4  # Σg, then Σg·z_b for D, H, W
-_N_COEF = 10  # a_b (3), e_b (3), μ_b (3), m_g
 
 
 if HAS_TRITON:
@@ -121,30 +120,48 @@ if HAS_TRITON:
         tl.store(base + 3 * C, _block_sum(gv * z), mask=ch < C)
 
     @triton.jit
-    def _bn_branch_grad(x0, g0, w_ptr, coef_ptr, c, c_ok, xv, pos, n_pos, sx_axis, sg_axis, ok, C, dx, part,
-                        part_ok, AXIS: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr):
+    def _bn_branch_grad(x0, g0, gv, w_ptr, tab_ptr, coef_ptr, c, c_ok, pos, n_pos, sx_axis, sg_axis, ok, C,
+                        dx, part, part_ok, AXIS: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr,
+                        IDX: tl.constexpr):
         """Add branch AXIS's share of dx at p and store its weight-gradient partials.
 
-        Tap i reaches p from output o = p + K//2 − i (along AXIS); dz_b(o) is rebuilt there from
-        g(o) and z_b(o) = K_b x (o), which is recomputed from x.
+        With dz = a g − e z + cc (BatchNorm's backward, cc = e μ − a m_g), at p:
+            dx  += a (Kᵀ g)(p) − e Σ_δ A(p, δ) x(p + δ) + cc (Kᵀ 1)(p)     [(Kᵀ z)(p) = Σ_δ A(p, δ) x(p + δ)]
+            dw[j] partial = Σ_p dz(p) x(p + j − K//2)
+        A(p, δ) = Σ_i w_i w_{i+δ} [output p + K//2 − i exists] and (Kᵀ 1)(p) come from the host
+        table tab (C, 2K, L): rows 0..2K−2 are A for δ = 1−K..K−1, row 2K−1 is Kᵀ1. O(K) loads.
         """
-        a = tl.load(coef_ptr + c * 10 + AXIS, mask=c_ok, other=0.0)
-        e = tl.load(coef_ptr + c * 10 + 3 + AXIS, mask=c_ok, other=0.0)
-        mu = tl.load(coef_ptr + c * 10 + 6 + AXIS, mask=c_ok, other=0.0)
-        mg = tl.load(coef_ptr + c * 10 + 9, mask=c_ok, other=0.0)
+        a = tl.load(coef_ptr + c * 9 + AXIS, mask=c_ok, other=0.0)
+        e = tl.load(coef_ptr + c * 9 + 3 + AXIS, mask=c_ok, other=0.0)
+        cc = tl.load(coef_ptr + c * 9 + 6 + AXIS, mask=c_ok, other=0.0)
+        tab = tab_ptr + c * (2 * K * n_pos) + pos
+        tab_ok = c_ok & (pos < n_pos)
+        z = tl.zeros(ok.shape, dtype=ACC)
+        ktz = tl.zeros(ok.shape, dtype=ACC)  # (Kᵀ z)(p)
+        for t in tl.static_range(2 * K - 1):
+            q = pos + (t - (K - 1))
+            xv = tl.load(x0 + tl.cast(t - (K - 1), IDX) * sx_axis, mask=ok & ((q >= 0) & (q < n_pos)), other=0.0)
+            xv = xv.to(ACC)
+            ktz += tl.load(tab + t * n_pos, mask=tab_ok, other=0.0) * xv
+            if t >= K // 2 and t < K // 2 + K:  # |δ| <= K//2: a tap of z(p) itself
+                z += tl.load(w_ptr + (t - K // 2) * C + c, mask=c_ok, other=0.0).to(ACC) * xv
+        ktg = tl.zeros(ok.shape, dtype=ACC)  # (Kᵀ g)(p)
         for i in tl.static_range(K):
             o = pos + (K // 2 - i)
-            m = ok & ((o >= 0) & (o < n_pos))
-            gv = tl.load(g0 + tl.cast(K // 2 - i, IDX) * sg_axis, mask=m, other=0.0).to(ACC)
-            z = _branch(x0, w_ptr, c, c_ok, pos, n_pos, sx_axis, m, C, K // 2 - i, K, ACC, IDX)
-            dz = tl.where(m, a * (gv - mg) - e * (z - mu), 0.0)
-            dx += tl.load(w_ptr + i * C + c, mask=c_ok, other=0.0).to(ACC) * dz
-            tl.store(part + i * C, _block_sum(xv * dz), mask=part_ok)
+            gi = tl.load(g0 + tl.cast(K // 2 - i, IDX) * sg_axis, mask=ok & ((o >= 0) & (o < n_pos)), other=0.0)
+            ktg += tl.load(w_ptr + i * C + c, mask=c_ok, other=0.0).to(ACC) * gi.to(ACC)
+        kt1 = tl.load(tab + (2 * K - 1) * n_pos, mask=tab_ok, other=0.0)
+        dx += a * ktg - e * ktz + cc * kt1
+        dz = tl.where(ok, a * gv - e * z + cc, 0.0)
+        for j in tl.static_range(K):
+            q = pos + (j - K // 2)
+            xv = tl.load(x0 + tl.cast(j - K // 2, IDX) * sx_axis, mask=ok & ((q >= 0) & (q < n_pos)), other=0.0)
+            tl.store(part + j * C, _block_sum(dz * xv.to(ACC)), mask=part_ok)
         return dx
 
     @triton.jit
     def _bn_dx_kernel(
-        x_ptr, g_ptr, wd_ptr, wh_ptr, ww_ptr, coef_ptr, dx_ptr, part_ptr,
+        x_ptr, g_ptr, wd_ptr, wh_ptr, ww_ptr, td_ptr, th_ptr, tw_ptr, coef_ptr, dx_ptr, part_ptr,
         C, D, H, W, sxn, sxc, sxd, sxh, sxw, sgn, sgc, sgd, sgh, sgw, sdn, sdc, sdd, sdh, sdw,
         n_db, n_hb, n_wb,
         KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
@@ -158,16 +175,33 @@ if HAS_TRITON:
         g0 = g_ptr + n.to(IDX) * sgn + c.to(IDX) * sgc + d.to(IDX) * sgd + (h.to(IDX) * sgh + w.to(IDX) * sgw)
         ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         part = part_ptr + pid_s.to(tl.int64) * ((KD + KH + KW) * C) + ch  # (P, KD+KH+KW, C)
-        xv = tl.load(x0, mask=ok, other=0.0).to(ACC)
+        gv = tl.load(g0, mask=ok, other=0.0).to(ACC)
         dx = tl.zeros(ok.shape, dtype=ACC)
-        dx = _bn_branch_grad(x0, g0, wd_ptr, coef_ptr, c, c_ok, xv, d, D, sxd, sgd, ok, C, dx, part,
+        dx = _bn_branch_grad(x0, g0, gv, wd_ptr, td_ptr, coef_ptr, c, c_ok, d, D, sxd, sgd, ok, C, dx, part,
                              ch < C, 0, KD, ACC, IDX)
-        dx = _bn_branch_grad(x0, g0, wh_ptr, coef_ptr, c, c_ok, xv, h, H, sxh, sgh, ok, C, dx, part + KD * C,
-                             ch < C, 1, KH, ACC, IDX)
-        dx = _bn_branch_grad(x0, g0, ww_ptr, coef_ptr, c, c_ok, xv, w, W, sxw, sgw, ok, C, dx, part + (KD + KH) * C,
-                             ch < C, 2, KW, ACC, IDX)
+        dx = _bn_branch_grad(x0, g0, gv, wh_ptr, th_ptr, coef_ptr, c, c_ok, h, H, sxh, sgh, ok, C, dx,
+                             part + KD * C, ch < C, 1, KH, ACC, IDX)
+        dx = _bn_branch_grad(x0, g0, gv, ww_ptr, tw_ptr, coef_ptr, c, c_ok, w, W, sxw, sgw, ok, C, dx,
+                             part + (KD + KH) * C, ch < C, 2, KW, ACC, IDX)
         dx0 = dx_ptr + n.to(IDX) * sdn + c.to(IDX) * sdc + d.to(IDX) * sdd + (h.to(IDX) * sdh + w.to(IDX) * sdw)
         tl.store(dx0, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+def _transpose_tables(weight: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """(C, 2k, L) table of the dx pass for one branch (see _bn_branch_grad), computed in float64.
+
+    Rows t < 2k−1: A(p, δ = t − k + 1) = Σ_i w_i w_{i+δ} [0 <= p + k//2 − i < L]; row 2k−1: Σ_i w_i [same].
+    """
+    w = weight.double()
+    k = w.shape[1]
+    taps = torch.arange(k, device=w.device)
+    o = torch.arange(length, device=w.device)[:, None] + k // 2 - taps[None, :]
+    exists = ((o >= 0) & (o < length)).double()  # (L, k): output p + k//2 − i exists
+    j = taps[:, None] + torch.arange(1 - k, k, device=w.device)[None, :]  # (k, 2k−1): i + δ
+    pairs = w[:, :, None] * torch.where((j >= 0) & (j < k), w[:, j.clamp(0, k - 1)], 0.0)  # (C, k, 2k−1)
+    autocorr = torch.einsum("pi,cit->ctp", exists, pairs)
+    ones = torch.einsum("pi,ci->cp", exists, w)[:, None]
+    return torch.cat([autocorr, ones], dim=1).to(dtype).contiguous()
 
 
 def _launch(kernel, x, tensors, strides, n_cols, extra_constexpr=None):
@@ -230,10 +264,12 @@ def _triton_bn_backward(grad, x, weight_d, weight_h, weight_w, gamma, mean, std)
     gamma64, mean64, std64 = gamma.double(), mean.double(), std.double()
     dgamma = (sum_gz - mean64 * sum_g) / std64  # Σ g (z_b − μ_b) / σ_b
     m_b = dgamma / count
-    coef = torch.cat([gamma64 / std64, gamma64 * m_b / std64**2, mean64, (sum_g / count)[None]]).T
+    a_b, e_b = gamma64 / std64, gamma64 * m_b / std64**2
+    coef = torch.cat([a_b, e_b, e_b * mean64 - a_b * (sum_g / count)]).T  # (C, 9): a, e, cc per branch
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    partials = _launch(_bn_dx_kernel, x, (x, grad, *weights, coef.to(acc).contiguous(), dx),
+    tables = [_transpose_tables(wt, n, acc) for wt, n in zip((weight_d, weight_h, weight_w), x.shape[2:])]
+    partials = _launch(_bn_dx_kernel, x, (x, grad, *weights, *tables, coef.to(acc).contiguous(), dx),
                        (*strides, *dx.stride()), kd + kh + kw, dict(KD=kd, KH=kh, KW=kw))
     dw = (t.t().clone(memory_format=torch.contiguous_format) for t in partials.sum(0).to(x.dtype).split([kd, kh, kw]))
     dbeta = sum_g.expand(3, -1)
