@@ -21,26 +21,29 @@ import dcformer_kernels.siglip as sg
 
 from .sass import capture_launches, compile_launch, sass_counts
 
-CONV_CASES = [  # (shape, k, dtype, channels_last, stride)
-    ((2, 24, 6, 10, 12), 5, torch.bfloat16, True, 1),
-    ((2, 24, 6, 10, 12), 3, torch.float32, False, 2),
-    ((1, 2, 1100, 1100, 1000), 3, torch.float16, False, 1),  # > 2^31 elements: 64-bit offsets
-    ((1, 8, 5, 6, 7), 3, torch.float64, True, 1),
+CONV_CASES = [  # (shape, k, dtype, channels_last, stride, forward on the tensor cores)
+    ((2, 24, 6, 10, 12), 5, torch.bfloat16, True, 1, False),
+    ((2, 24, 6, 10, 12), 3, torch.float32, False, 2, False),
+    ((1, 2, 1100, 1100, 1000), 3, torch.float16, False, 1, False),  # > 2^31 elements: 64-bit offsets
+    ((1, 8, 5, 6, 7), 3, torch.float64, True, 1, False),
+    ((1, 4, 16, 17, 18), 7, torch.bfloat16, False, 1, True),  # what "auto" runs on CUDA (fp16/bf16 NCDHW)
 ]
 
 
 def _conv_launches():
-    for shape, k, dtype, channels_last, stride in CONV_CASES:
+    for shape, k, dtype, channels_last, stride, tensor_cores in CONV_CASES:
         x = torch.empty(shape, dtype=dtype, device="meta")
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         ws = [torch.empty(shape[1], k, dtype=dtype, device="meta") for _ in range(3)]
         bias = torch.empty(shape[1], dtype=dtype, device="meta")
-        with capture_launches(dc, "_decomposed_conv3d_fwd_kernel", "_decomposed_conv3d_bwd_kernel") as launches:
+        names = ("_decomposed_conv3d_fwd_kernel", "_decomposed_conv3d_tc_fwd_kernel", "_decomposed_conv3d_bwd_kernel")
+        with capture_launches(dc, *names) as launches, \
+                mock.patch.object(dc, "TENSOR_CORE_FORWARD", "always" if tensor_cores else "never"):
             y = dc._triton_forward(x, *ws, bias, stride)
             dc._triton_backward(torch.empty_like(y), x, *ws, stride)
         yield f"conv {dtype} {'cl' if channels_last else 'ncdhw'} stride {stride}", launches
-        if stride == 1 and x.numel() < 2**31:
+        if stride == 1 and x.numel() < 2**31 and not tensor_cores:
             gamma = torch.empty(3, shape[1], dtype=dtype, device="meta")
             names = ("_bn_stats_kernel", "_bn_grad_sums_kernel", "_bn_dx_kernel")
             with capture_launches(dcbn, *names) as launches:

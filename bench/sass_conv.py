@@ -12,7 +12,9 @@ instructions per element. Two model times follow (a MODEL, not a measurement):
 - bandwidth floor: the op's floor bytes at 2.65 TB/s (what ``torch.clone`` reached on the H100,
   bench/results/tune_conv.csv);
 
-and ``model % of copy`` = floor / max(both). On 2026-11-27 the issue-bound model put the old
+and ``model % of copy`` = floor / max(both). The tensor-core forward is counted without its cold
+branch (blocks whose result is not finite are recomputed by the direct stencil), and its
+tensor-core time (HMMA issue) is not modelled separately. On 2026-11-27 the issue-bound model put the old
 stage-1 forward (NCDHW, bf16, k=13) at 0.17 ms against 0.19 ms measured on that H100.
 ``--sweep`` ranks the candidate tiles of ``bench.tune_conv`` by the model; the GPU tuner then
 times the few best.
@@ -35,6 +37,7 @@ from .sass import capture_launches, compile_launch, sass_counts, summarize
 SMS, ISSUE_PER_CLOCK, CLOCK_HZ, COPY_BYTES_PER_S = 132, 4, 1.755e9, 2.65e12
 KERNELS = {  # kernel -> (module, floor bytes per element in units of the element size)
     "_decomposed_conv3d_fwd_kernel": (dc, 2),  # read x, write y
+    "_decomposed_conv3d_tc_fwd_kernel": (dc, 2),
     "_decomposed_conv3d_bwd_kernel": (dc, 3),  # read x and g, write dx
     "_bn_stats_kernel": (dcbn, 1),
     "_bn_grad_sums_kernel": (dcbn, 2),
@@ -53,6 +56,9 @@ def _launches(c, d, h, w, k, dtype, layout, bn=True):
     with capture_launches(dc, *[n for n, (m, _) in KERNELS.items() if m is dc]) as conv, \
             capture_launches(dcbn, *[n for n, (m, _) in KERNELS.items() if m is dcbn]) as bn_launches:
         dc._triton_forward(x, *ws, None, 1)
+        if min(d, h, w) >= dc.TC_CUBE:  # the tensor-core forward too (on CUDA: bf16/fp16 NCDHW)
+            with mock.patch.object(dc, "TENSOR_CORE_FORWARD", "always"):
+                dc._triton_forward(x, *ws, None, 1)
         dc._triton_backward(g, x, *ws, 1)
         if bn:
             mean, var = dcbn._triton_bn_stats(x, *ws)
@@ -70,13 +76,17 @@ def analyse(shape, dtype, layout, cfg=None, bn=True):
     out = []
     for launch in launches:
         name = launch.kernel.fn.__name__
-        counts = summarize(sass_counts(compile_launch(launch)))
         kw = launch.kwargs
+        if "FINITE_CHECK" in kw:  # count the fast path only: the recompute of non-finite blocks is cold
+            kw["FINITE_CHECK"] = False
+        counts = summarize(sass_counts(compile_launch(launch)))
         warps = kw["num_warps"]
-        threads_per_element = 32 * warps / (kw["BLOCK_C"] * kw["DT"] * kw["RH"] * kw["RW"])
+        block = kw["BLOCK_C"] * (kw["T"] ** 3 if "T" in kw else kw["DT"] * kw["RH"] * kw["RW"])
+        threads_per_element = 32 * warps / block
         issue_s = counts["instructions"] * warps * launch.grid[0] * launch.grid[1] / (ISSUE_PER_CLOCK * SMS * CLOCK_HZ)
         floor_s = KERNELS[name][1] * x.numel() * x.element_size() / COPY_BYTES_PER_S
-        out.append(dict(kernel=name.strip("_").replace("_kernel", ""), tiles=tiles,
+        out.append(dict(kernel=name.strip("_").replace("_kernel", ""),
+                        tiles=f"cube {kw['T']} x C{kw['BLOCK_C']} w{warps}" if "T" in kw else _tile_label(tiles),
                         instructions=counts["instructions"],
                         per_element=counts["instructions"] * threads_per_element,
                         loads_per_element=(counts["ldg_vector"] + counts["ldg_scalar"]) * threads_per_element,
@@ -112,7 +122,9 @@ def main(argv=None):
                 for t in cands:
                     cfg = dc._TileConfig(*t)
                     rows = analyse(shape, dtype, layout, cfg, bn=False)
-                    ranked.append((sum(r["issue_us"] for r in rows[:2]), rows[0]["issue_us"], rows[1]["issue_us"], cfg))
+                    direct = [r for r in rows if r["kernel"] != "decomposed_conv3d_tc_fwd"]
+                    ranked.append((direct[0]["issue_us"] + direct[1]["issue_us"], direct[0]["issue_us"],
+                                   direct[1]["issue_us"], cfg))
                 ranked.sort(key=lambda r: r[0])
                 print(f"{shape} {layout}: best fwd+bwd by the issue model")
                 for total, f, b, cfg in ranked[:5]:
@@ -126,12 +138,12 @@ def main(argv=None):
         for layout in ("ncdhw", "cl"):
             for r in analyse(shape, dtype, layout, cfg):
                 name = f"2x{shape[0]}x{shape[1]}x{shape[2]}x{shape[3]} k={shape[4]}"
-                lines.append([r["kernel"], layout, name, _tile_label(r["tiles"]), f"{r['per_element']:.1f}",
+                lines.append([r["kernel"], layout, name, r["tiles"], f"{r['per_element']:.1f}",
                               f"{r['loads_per_element']:.2f}", f"{r['issue_us']:.1f}", f"{r['floor_us']:.1f}",
                               f"{r['pct_of_copy']:.0f}%"])
                 for metric, unit in (("per_element", "SASS instr/element"), ("issue_us", "us (issue model)"),
                                      ("floor_us", "us (bandwidth floor)"), ("pct_of_copy", "% of copy (model)")):
-                    rows.append(Row(r["kernel"], f"{layout} {_tile_label(r['tiles'])}", name, args.dtype, "triton",
+                    rows.append(Row(r["kernel"], f"{layout} {r['tiles']}", name, args.dtype, "triton",
                                     metric, round(r[metric], 2), unit, env=env))
                 print(" | ".join(lines[-1]), flush=True)
     suffix = "" if args.dtype == "bfloat16" else f"_{args.dtype}"

@@ -6,7 +6,10 @@
 
 (zero padding; the PyTorch form is ``reference.decomposed_conv3d_reference``).
 
-Forward: one kernel reads x once and writes y once; the three centre taps share one load.
+Forward: one kernel reads x once and writes y once; the three centre taps share one load. On
+CUDA, fp16/bf16 NCDHW inputs with D, H, W >= 16 take a second forward kernel that computes each
+branch as a batched product with the branch's banded matrix on the tensor cores
+(``TENSOR_CORE_FORWARD``; bench/conv_notes.md).
 Backward: one kernel walks the input positions, applies the transposed stencil to the output
 gradient to write dx, and in the same pass accumulates per-program fp32 partial sums of
 x*g for every tap and of g for the bias; a deterministic ``sum`` over programs finishes
@@ -149,18 +152,11 @@ if HAS_TRITON:
         return n, d, c, hb * RH + s // RW, wb * RW + s % RW
 
     @triton.jit
-    def _decomposed_conv3d_fwd_kernel(
-        x_ptr, wd_ptr, wh_ptr, ww_ptr, b_ptr, y_ptr,
-        C, D, H, W, DO, HO, WO,
-        sxn, sxc, sxd, sxh, sxw,
-        syn, syc, syd, syh, syw,
-        n_db, n_hb, n_wb,
-        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr,
-        HAS_BIAS: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
-        BLOCK_C: tl.constexpr, DT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
-    ):
-        # Weights arrive transposed, (k, C): one tap's weights are contiguous over channels.
-        n, od, c, oh, ow = _block_coords(tl.program_id(0), tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, DT, RH, RW)
+    def _direct_forward(x_ptr, wd_ptr, wh_ptr, ww_ptr, b_ptr, y_ptr, n, od, c, oh, ow,
+                        C, D, H, W, DO, HO, WO, sxn, sxc, sxd, sxh, sxw, syn, syc, syd, syh, syw,
+                        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr):
+        """The stencil on the CUDA cores for one block (coordinates as _block_coords gives them)."""
         c_ok = c < C
         ok = c_ok & (od < DO) & ((oh < HO) & (ow < WO))
         idp = od * STRIDE
@@ -195,6 +191,114 @@ if HAS_TRITON:
         y0 = (y_ptr + n.to(IDX) * syn + c.to(IDX) * syc + od.to(IDX) * syd
               + (oh.to(IDX) * syh + ow.to(IDX) * syw))
         tl.store(y0, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _decomposed_conv3d_fwd_kernel(
+        x_ptr, wd_ptr, wh_ptr, ww_ptr, b_ptr, y_ptr,
+        C, D, H, W, DO, HO, WO,
+        sxn, sxc, sxd, sxh, sxw,
+        syn, syc, syd, syh, syw,
+        n_db, n_hb, n_wb,
+        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
+        BLOCK_C: tl.constexpr, DT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+    ):
+        # Weights arrive transposed, (k, C): one tap's weights are contiguous over channels.
+        n, od, c, oh, ow = _block_coords(tl.program_id(0), tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, DT, RH, RW)
+        _direct_forward(x_ptr, wd_ptr, wh_ptr, ww_ptr, b_ptr, y_ptr, n, od, c, oh, ow,
+                        C, D, H, W, DO, HO, WO, sxn, sxc, sxd, sxh, sxw, syn, syc, syd, syh, syw,
+                        KD, KH, KW, STRIDE, HAS_BIAS, ACC, IDX)
+
+    @triton.jit
+    def _band(w_ptr, c, tap, C, K: tl.constexpr):
+        """Banded (Toeplitz) matrix of one branch: entry w[c, tap] where 0 <= tap < K, else 0."""
+        return tl.load(w_ptr + tap * C + c, mask=(c < C) & (tap >= 0) & (tap < K), other=0.0)
+
+    @triton.jit
+    def _decomposed_conv3d_tc_fwd_kernel(
+        x_ptr, wd_ptr, wh_ptr, ww_ptr, b_ptr, y_ptr,
+        C, D, H, W,
+        sxn, sxc, sxd, sxh, sxw,
+        syn, syc, syd, syh, syw,
+        n_db, n_hb, n_wb,
+        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_C: tl.constexpr, T: tl.constexpr, KPD: tl.constexpr, KPH: tl.constexpr, KPW: tl.constexpr,
+        W_HALO: tl.constexpr, FINITE_CHECK: tl.constexpr,
+    ):
+        # Stride 1. A program owns BLOCK_C channels x a T x T x T cube (T = 16) and computes each
+        # branch as a batched matrix product on the tensor cores with the branch's banded matrix:
+        #   W: X[c, (d,h), w' halo] @ Bw[c, w', w]        (batch c)
+        #   H: Bh[c, h, h'] @ X[c, d, h' halo, w]         (batch (c, d))
+        #   D: Bd[c, d, d'] @ X[c, d' halo, (h,w)]        (batch c)
+        # The band's zeros multiply every halo element, so a non-finite x would turn other outputs
+        # into NaN: blocks whose result is not finite are recomputed by the direct stencil, which
+        # propagates Inf/NaN exactly as the reference does. (FINITE_CHECK=False drops that branch:
+        # only for counting the fast path's instructions, bench/sass_conv.py.) The W halo starts
+        # W_HALO >= KW//2 columns before the cube, so NCDHW rows load from aligned addresses.
+        pid_s = tl.program_id(0)
+        wb = pid_s % n_wb
+        t = pid_s // n_wb
+        hb = t % n_hb
+        t = t // n_hb
+        db = t % n_db
+        n = t // n_db
+        d0 = db * T
+        h0 = hb * T
+        w0 = wb * T
+        c0 = tl.program_id(1) * BLOCK_C
+        xn = x_ptr + n.to(IDX) * sxn
+        c3 = c0 + tl.arange(0, BLOCK_C)[:, None, None]  # [BC, 1, 1]
+        c4 = c3[:, :, :, None]  # [BC, 1, 1, 1]
+        t_m = tl.arange(0, T)
+        # W branch: rows r = (d, h) of the cube, columns k of the halo'd W axis.
+        r = tl.arange(0, T * T)[None, :, None]
+        kw_ = tl.arange(0, KPW)[None, None, :]
+        da, ha, wa = d0 + r // T, h0 + r % T, w0 - W_HALO + kw_
+        a_w = tl.load(xn + c3.to(IDX) * sxc + da.to(IDX) * sxd + ha.to(IDX) * sxh + wa.to(IDX) * sxw,
+                      mask=(c3 < C) & (da < D) & (ha < H) & (wa >= 0) & (wa < W), other=0.0)
+        band_w = _band(ww_ptr, c3, tl.arange(0, KPW)[None, :, None] - t_m[None, None, :] - (W_HALO - KW // 2), C,
+                       KW)  # [BC, KPW, T]
+        acc = tl.dot(a_w, band_w.to(a_w.dtype), input_precision=PREC, out_dtype=ACC)  # [BC, T*T, T]
+        # H branch: batch (c, d); the band [BC, T, KPH] is shared by the T planes.
+        kh_ = tl.arange(0, KPH)
+        band_h = _band(wh_ptr, c3, kh_[None, None, :] - t_m[None, :, None], C, KH)  # [BC, T, KPH]
+        band_h = tl.reshape(tl.broadcast_to(band_h[:, None, :, :], [BLOCK_C, T, T, KPH]), [BLOCK_C * T, T, KPH])
+        dh = d0 + t_m[None, :, None, None]
+        hh = h0 - KH // 2 + kh_[None, None, :, None]
+        wh = w0 + t_m[None, None, None, :]
+        b_h = tl.load(xn + c4.to(IDX) * sxc + dh.to(IDX) * sxd + hh.to(IDX) * sxh + wh.to(IDX) * sxw,
+                      mask=(c4 < C) & (dh < D) & (hh >= 0) & (hh < H) & (wh < W)
+                      & (kh_[None, None, :, None] < T + KH - 1), other=0.0)  # [BC, T, KPH, T]
+        y_h = tl.dot(band_h.to(b_h.dtype), tl.reshape(b_h, [BLOCK_C * T, KPH, T]), input_precision=PREC,
+                     out_dtype=ACC)  # [BC*T, T, T]
+        acc += tl.reshape(y_h, [BLOCK_C, T * T, T])
+        # D branch: columns s = (h, w) of the cube.
+        kd_ = tl.arange(0, KPD)
+        band_d = _band(wd_ptr, c3, kd_[None, None, :] - t_m[None, :, None], C, KD)  # [BC, T, KPD]
+        s = tl.arange(0, T * T)[None, None, :]
+        dd = d0 - KD // 2 + kd_[None, :, None]
+        hs, ws = h0 + s // T, w0 + s % T
+        b_d = tl.load(xn + c3.to(IDX) * sxc + dd.to(IDX) * sxd + hs.to(IDX) * sxh + ws.to(IDX) * sxw,
+                      mask=(c3 < C) & (dd >= 0) & (dd < D) & (hs < H) & (ws < W)
+                      & (kd_[None, :, None] < T + KD - 1), other=0.0)  # [BC, KPD, T*T]
+        y_d = tl.dot(band_d.to(b_d.dtype), b_d, input_precision=PREC, out_dtype=ACC)  # [BC, T, T*T]
+        acc += tl.reshape(y_d, [BLOCK_C, T * T, T])
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + c3, mask=c3 < C, other=0.0).to(ACC)
+        # Output rows r = (d, h), columns w.
+        wo = w0 + t_m[None, None, :]
+        ok = (c3 < C) & (da < D) & (ha < H) & (wo < W)
+        n_bad = tl.sum(tl.sum(tl.sum(tl.where(ok & ~(tl.abs(acc) < float("inf")), 1, 0), axis=2), axis=1), axis=0)
+        if (n_bad == 0) or (not FINITE_CHECK):
+            y0 = y_ptr + n.to(IDX) * syn + c3.to(IDX) * syc + da.to(IDX) * syd + ha.to(IDX) * syh + wo.to(IDX) * syw
+            tl.store(y0, acc.to(y_ptr.dtype.element_ty), mask=ok)
+        else:
+            s1 = tl.arange(0, T * T)[None, None, :]
+            _direct_forward(x_ptr, wd_ptr, wh_ptr, ww_ptr, b_ptr, y_ptr, n,
+                            d0 + tl.arange(0, T)[:, None, None], c0 + tl.arange(0, BLOCK_C)[None, :, None],
+                            h0 + s1 // T, w0 + s1 % T, C, D, H, W, D, H, W, sxn, sxc, sxd, sxh, sxw,
+                            syn, syc, syd, syh, syw, KD, KH, KW, 1, HAS_BIAS, ACC, IDX)
 
     @triton.jit
     def _grad_tap(g_centre, g_rest, pos, sg, n_out, ok_rest, SHIFT: tl.constexpr, STRIDE: tl.constexpr,
@@ -303,12 +407,53 @@ def _transposed(*weights: torch.Tensor) -> list[torch.Tensor]:
     return [w.t().contiguous() for w in weights]
 
 
+# Forward on the tensor cores (banded matrix products, _decomposed_conv3d_tc_fwd_kernel):
+# "auto" = CUDA, float16/bfloat16, NCDHW, stride 1 and D, H, W >= TC_CUBE; "always" wherever the
+# shape allows (also channels-last and float32/float64, the latter in IEEE precision: how the CPU
+# tests run it); "never". Channels-last stays on the CUDA cores under "auto": its blocks hold two
+# channels, so every load reads 4 of a 32-byte sector (bench/conv_notes.md). Not yet timed on a GPU.
+TENSOR_CORE_FORWARD = "auto"
+TC_CUBE = 16
+
+
+def _use_tensor_cores(x: torch.Tensor, stride: int) -> bool:
+    if TENSOR_CORE_FORWARD not in ("auto", "always", "never"):
+        raise ValueError(f"TENSOR_CORE_FORWARD must be 'auto', 'always' or 'never'; got {TENSOR_CORE_FORWARD!r}")
+    if TENSOR_CORE_FORWARD == "never" or stride != 1 or min(x.shape[2:]) < TC_CUBE:
+        return False
+    if TENSOR_CORE_FORWARD == "always":
+        return True
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and _memory_format(x) == torch.contiguous_format)
+
+
+def _triton_tc_forward(x, weights, bias, y):
+    n, c, d, h, w = x.shape
+    kd, kh, kw = (t.shape[0] for t in weights)
+    block_c = 2
+    # NCDHW: start the W halo a multiple of 8 columns early, so rows are 16-byte aligned loads.
+    w_halo = kw // 2 if _memory_format(x) == torch.channels_last_3d else -(-(kw // 2) // 8) * 8
+    n_db, n_hb, n_wb = (triton.cdiv(size, TC_CUBE) for size in (d, h, w))
+    grid = (n * n_db * n_hb * n_wb, triton.cdiv(c, block_c))
+    _decomposed_conv3d_tc_fwd_kernel[grid](
+        x, *weights, bias.contiguous() if bias is not None else x, y,
+        c, d, h, w, *x.stride(), *y.stride(), n_db, n_hb, n_wb,
+        KD=kd, KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC=_acc_dtype(x.dtype), IDX=_index_dtype(x, y),
+        PREC="ieee" if x.dtype in (torch.float32, torch.float64) else "tf32", BLOCK_C=block_c, T=TC_CUBE,
+        KPD=next_power_of_2(TC_CUBE + kd - 1), KPH=next_power_of_2(TC_CUBE + kh - 1),
+        KPW=next_power_of_2(TC_CUBE + w_halo + kw // 2), W_HALO=w_halo, FINITE_CHECK=True, num_warps=4,
+    )
+    return y
+
+
 def _triton_forward(x, weight_d, weight_h, weight_w, bias, stride):
     kd, kh, kw = weight_d.shape[1], weight_h.shape[1], weight_w.shape[1]
     shape = _output_shape(x, kd, kh, kw, stride)
     y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
     if y.numel() == 0:
         return y
+    if _use_tensor_cores(x, stride):
+        return _triton_tc_forward(x, _transposed(weight_d, weight_h, weight_w), bias, y)
     n, c, d, h, w = x.shape
     _, _, do, ho, wo = shape
     cfg = _tile_config(x, ho, wo, do)

@@ -148,6 +148,75 @@ def test_nan_and_inf_propagate_like_reference():
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
 
 
+TC_CASES = [
+    # shape, (kd, kh, kw), layout ("ncdhw" | "cl" | "view"), dtype, bias
+    ((1, 3, 17, 16, 20), (5, 3, 7), "ncdhw", torch.float32, True),
+    ((2, 2, 16, 18, 16), (13, 1, 11), "cl", torch.float32, False),
+    ((1, 3, 16, 17, 16), (3, 9, 31), "view", torch.float32, True),
+    ((1, 2, 16, 16, 18), (7, 5, 3), "ncdhw", torch.float16, True),
+]
+
+
+@pytest.mark.parametrize("shape,ks,layout,dtype,bias", TC_CASES)
+def test_tensor_core_forward_matches_reference(shape, ks, layout, dtype, bias, monkeypatch):
+    """The banded-matrix forward (run here with IEEE fp32 / fp16 dots): cubes of 16 with partial
+    cubes on every axis, odd channel counts (two channels per program), both memory formats, a
+    strided view, k = 1 and k = 31 (a halo wider than the cube)."""
+    monkeypatch.setattr(dc, "TENSOR_CORE_FORWARD", "always")
+    torch.manual_seed(hash((shape, ks)) % 2**31)
+    base = torch.randn(shape[0], shape[1] * 2, *shape[2:])
+    x = {"ncdhw": base[:, : shape[1]].contiguous(),
+         "cl": base[:, : shape[1]].contiguous(memory_format=torch.channels_last_3d),
+         "view": base[:, ::2]}[layout].to(dtype)
+    weights = [(torch.randn(shape[1], k) / k).to(dtype) for k in ks]
+    b = torch.randn(shape[1]).to(dtype) if bias else None
+    assert dc._use_tensor_cores(x, 1)
+    with poisoned_allocations():
+        y = decomposed_conv3d(x, *weights, b, backend="triton")
+    want = decomposed_conv3d_reference(x.double(), *[w.double() for w in weights],
+                                       b.double() if bias else None)
+    assert rel_err(y, want) <= (1e-3 if dtype == torch.float16 else 1e-6)
+    if layout == "cl":
+        assert y.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_tensor_core_forward_recomputes_non_finite_blocks(monkeypatch):
+    """Zeros of the band times an Inf would give NaN where the reference is finite: such blocks
+    are recomputed on the direct path, so NaN/Inf land exactly where the reference puts them."""
+    monkeypatch.setattr(dc, "TENSOR_CORE_FORWARD", "always")
+    torch.manual_seed(6)
+    x = torch.randn(1, 3, 16, 20, 16)
+    x[0, 0, 4, 17, 9] = float("inf")
+    x[0, 2, 12, 3, 3] = float("nan")
+    weights = [torch.randn(3, k) for k in (5, 3, 7)]
+    got = decomposed_conv3d(x, *weights, backend="triton")
+    want = decomposed_conv3d_reference(x, *weights)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    assert not finite.all() and finite[0, 1].all()
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_core_forward_dispatch(monkeypatch):
+    def fake(shape=(2, 8, 16, 16, 16), dtype=torch.bfloat16, channels_last=False, cuda=True):
+        t = torch.empty(shape, dtype=dtype, device="meta")
+        t = t.contiguous(memory_format=torch.channels_last_3d) if channels_last else t
+        return type("FakeCuda", (), {"shape": t.shape, "dtype": t.dtype, "is_cuda": cuda, "stride": t.stride})()
+
+    assert dc._use_tensor_cores(fake(), 1)
+    assert dc._use_tensor_cores(fake(dtype=torch.float16), 1)
+    assert not dc._use_tensor_cores(fake(), 2)  # stride 2: direct kernel
+    assert not dc._use_tensor_cores(fake(shape=(2, 8, 8, 16, 16)), 1)  # an axis under one cube
+    assert not dc._use_tensor_cores(fake(dtype=torch.float32), 1)
+    assert not dc._use_tensor_cores(fake(channels_last=True), 1)
+    assert not dc._use_tensor_cores(fake(cuda=False), 1)
+    monkeypatch.setattr(dc, "TENSOR_CORE_FORWARD", "never")
+    assert not dc._use_tensor_cores(fake(), 1)
+    monkeypatch.setattr(dc, "TENSOR_CORE_FORWARD", "sometimes")
+    with pytest.raises(ValueError, match="TENSOR_CORE_FORWARD"):
+        dc._use_tensor_cores(fake(), 1)
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_empty_batch(backend):
     x = torch.randn(0, 3, 4, 5, 6, requires_grad=True)
