@@ -37,9 +37,10 @@ def _conv_launches():
             x = x.contiguous(memory_format=torch.channels_last_3d)
         ws = [torch.empty(shape[1], k, dtype=dtype, device="meta") for _ in range(3)]
         bias = torch.empty(shape[1], dtype=dtype, device="meta")
-        names = ("_decomposed_conv3d_fwd_kernel", "_decomposed_conv3d_tc_fwd_kernel", "_decomposed_conv3d_bwd_kernel")
+        names = ("_decomposed_conv3d_fwd_kernel", "_decomposed_conv3d_tc_fwd_kernel", "_decomposed_conv3d_bwd_kernel",
+                 "_decomposed_conv3d_tc_dweight_kernel")
         with capture_launches(dc, *names) as launches, \
-                mock.patch.object(dc, "TENSOR_CORE_FORWARD", "always" if tensor_cores else "never"):
+                mock.patch.object(dc, "TENSOR_CORES", "always" if tensor_cores else "never"):
             y = dc._triton_forward(x, *ws, bias, stride)
             dc._triton_backward(torch.empty_like(y), x, *ws, stride)
         yield f"conv {dtype} {'cl' if channels_last else 'ncdhw'} stride {stride}", launches

@@ -38,6 +38,7 @@ SMS, ISSUE_PER_CLOCK, CLOCK_HZ, COPY_BYTES_PER_S = 132, 4, 1.755e9, 2.65e12
 KERNELS = {  # kernel -> (module, floor bytes per element in units of the element size)
     "_decomposed_conv3d_fwd_kernel": (dc, 2),  # read x, write y
     "_decomposed_conv3d_tc_fwd_kernel": (dc, 2),
+    "_decomposed_conv3d_tc_dweight_kernel": (dc, 2),  # read x and g (its dx is a tc_fwd of g)
     "_decomposed_conv3d_bwd_kernel": (dc, 3),  # read x and g, write dx
     "_bn_stats_kernel": (dcbn, 1),
     "_bn_grad_sums_kernel": (dcbn, 2),
@@ -57,9 +58,14 @@ def _launches(c, d, h, w, k, dtype, layout, bn=True):
             capture_launches(dcbn, *[n for n, (m, _) in KERNELS.items() if m is dcbn]) as bn_launches:
         dc._triton_forward(x, *ws, None, 1)
         if min(d, h, w) >= dc.TC_CUBE:  # the tensor-core forward too (on CUDA: bf16/fp16 NCDHW)
-            with mock.patch.object(dc, "TENSOR_CORE_FORWARD", "always"):
+            with mock.patch.object(dc, "TENSOR_CORES", "always"):
                 dc._triton_forward(x, *ws, None, 1)
         dc._triton_backward(g, x, *ws, 1)
+        if min(d, h, w) >= dc.TC_CUBE:
+            with mock.patch.object(dc, "TENSOR_CORES", "always"):
+                dc._triton_backward(g, x, *ws, 1)
+            tc_dx = [i for i, la in enumerate(conv) if la.kernel.fn.__name__ == "_decomposed_conv3d_tc_fwd_kernel"]
+            del conv[tc_dx[-1]]  # the backward's dx launch: the forward kernel again, on g
         if bn:
             mean, var = dcbn._triton_bn_stats(x, *ws)
             dcbn._triton_bn_backward(g, x, *ws, gamma, mean, var)
@@ -122,7 +128,7 @@ def main(argv=None):
                 for t in cands:
                     cfg = dc._TileConfig(*t)
                     rows = analyse(shape, dtype, layout, cfg, bn=False)
-                    direct = [r for r in rows if r["kernel"] != "decomposed_conv3d_tc_fwd"]
+                    direct = [r for r in rows if not r["kernel"].startswith("decomposed_conv3d_tc")]
                     ranked.append((direct[0]["issue_us"] + direct[1]["issue_us"], direct[0]["issue_us"],
                                    direct[1]["issue_us"], cfg))
                 ranked.sort(key=lambda r: r[0])

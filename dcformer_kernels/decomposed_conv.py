@@ -7,9 +7,9 @@
 (zero padding; the PyTorch form is ``reference.decomposed_conv3d_reference``).
 
 Forward: one kernel reads x once and writes y once; the three centre taps share one load. On
-CUDA, fp16/bf16 NCDHW inputs with D, H, W >= 16 take a second forward kernel that computes each
-branch as a batched product with the branch's banded matrix on the tensor cores
-(``TENSOR_CORE_FORWARD``; bench/conv_notes.md).
+CUDA, fp16/bf16 NCDHW inputs with D, H, W >= 16 take tensor-core kernels instead, forward and
+backward: each branch is a batched product with the branch's banded matrix
+(``TENSOR_CORES``; bench/conv_notes.md).
 Backward: one kernel walks the input positions, applies the transposed stencil to the output
 gradient to write dx, and in the same pass accumulates per-program fp32 partial sums of
 x*g for every tap and of g for the bias; a deterministic ``sum`` over programs finishes
@@ -301,6 +301,84 @@ if HAS_TRITON:
                             syn, syc, syd, syh, syw, KD, KH, KW, 1, HAS_BIAS, ACC, IDX)
 
     @triton.jit
+    def _diagonal_sums(part, prod, valid_rows, C, ch_ok, OFFSET: tl.constexpr, K: tl.constexpr):
+        """Store part[tap] = sum of prod[c, m, q] over q - m == OFFSET + tap, rows m where valid_rows."""
+        m = tl.arange(0, prod.shape[1])[None, :, None]
+        q = tl.arange(0, prod.shape[2])[None, None, :]
+        for tap in tl.static_range(K):
+            on_diagonal = (q - m == OFFSET + tap) & valid_rows
+            tl.store(part + tap * C, tl.sum(tl.sum(tl.where(on_diagonal, prod, 0.0), axis=2), axis=1), mask=ch_ok)
+
+    @triton.jit
+    def _decomposed_conv3d_tc_dweight_kernel(
+        x_ptr, g_ptr, part_ptr,
+        C, D, H, W,
+        sxn, sxc, sxd, sxh, sxw,
+        sgn, sgc, sgd, sgh, sgw,
+        n_db, n_hb, n_wb,
+        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
+        PREC: tl.constexpr, BLOCK_C: tl.constexpr, T: tl.constexpr, KPD: tl.constexpr, KPH: tl.constexpr,
+        KPW: tl.constexpr, W_HALO: tl.constexpr,
+    ):
+        # Stride 1. Weight and bias gradients of one 16-cube (the tensor-core forward's blocks) as
+        # products on the tensor cores: for the W branch P[c, w, w'] = sum over the cube's rows of
+        # g[c, row, w] x[c, row, w' in halo], and dweight_w[c, l] is the sum of P's diagonal
+        # w' - w = l - KW//2 (rows w inside the volume only: outside, g is 0 but x may be Inf);
+        # H and D alike. Partials (P, KD+KH+KW+1, C) as in the direct backward.
+        pid_s = tl.program_id(0)
+        wb = pid_s % n_wb
+        t = pid_s // n_wb
+        hb = t % n_hb
+        t = t // n_hb
+        db = t % n_db
+        n = t // n_db
+        d0 = db * T
+        h0 = hb * T
+        w0 = wb * T
+        c0 = tl.program_id(1) * BLOCK_C
+        xn = x_ptr + n.to(IDX) * sxn
+        c3 = c0 + tl.arange(0, BLOCK_C)[:, None, None]
+        c4 = c3[:, :, :, None]
+        ch = c0 + tl.arange(0, BLOCK_C)
+        part = part_ptr + pid_s.to(tl.int64) * ((KD + KH + KW + 1) * C) + ch
+        t_m = tl.arange(0, T)
+        # The cube of g as rows (d, h) x columns w.
+        r = tl.arange(0, T * T)[None, :, None]
+        dr, hr, wr = d0 + r // T, h0 + r % T, w0 + t_m[None, None, :]
+        g_cube = tl.load(g_ptr + n.to(IDX) * sgn + c3.to(IDX) * sgc + dr.to(IDX) * sgd + hr.to(IDX) * sgh
+                         + wr.to(IDX) * sgw, mask=(c3 < C) & (dr < D) & (hr < H) & (wr < W), other=0.0)
+        tl.store(part + (KD + KH + KW) * C, tl.sum(tl.sum(g_cube.to(ACC), axis=2), axis=1), mask=ch < C)
+        # W branch.
+        kw_ = tl.arange(0, KPW)[None, None, :]
+        wa = w0 - W_HALO + kw_
+        a_w = tl.load(xn + c3.to(IDX) * sxc + dr.to(IDX) * sxd + hr.to(IDX) * sxh + wa.to(IDX) * sxw,
+                      mask=(c3 < C) & (dr < D) & (hr < H) & (wa >= 0) & (wa < W), other=0.0)
+        p_w = tl.dot(tl.trans(g_cube, (0, 2, 1)), a_w, input_precision=PREC, out_dtype=ACC)  # [BC, T, KPW]
+        _diagonal_sums(part + (KD + KH) * C, p_w, w0 + t_m[None, :, None] < W, C, ch < C, W_HALO - KW // 2, KW)
+        # H branch: batch (c, d), summed over d afterwards.
+        kh_ = tl.arange(0, KPH)
+        dh = d0 + t_m[None, :, None, None]
+        hh = h0 - KH // 2 + kh_[None, None, :, None]
+        wh = w0 + t_m[None, None, None, :]
+        b_h = tl.load(xn + c4.to(IDX) * sxc + dh.to(IDX) * sxd + hh.to(IDX) * sxh + wh.to(IDX) * sxw,
+                      mask=(c4 < C) & (dh < D) & (hh >= 0) & (hh < H) & (wh < W), other=0.0)  # [BC, T, KPH, T]
+        p_h = tl.dot(tl.reshape(g_cube, [BLOCK_C * T, T, T]),
+                     tl.trans(tl.reshape(b_h, [BLOCK_C * T, KPH, T]), (0, 2, 1)),
+                     input_precision=PREC, out_dtype=ACC)  # [BC*T, T(h), KPH]
+        p_h = tl.sum(tl.reshape(p_h, [BLOCK_C, T, T, KPH]), axis=1)
+        _diagonal_sums(part + KD * C, p_h, h0 + t_m[None, :, None] < H, C, ch < C, 0, KH)
+        # D branch: columns s = (h, w).
+        kd_ = tl.arange(0, KPD)
+        s = tl.arange(0, T * T)[None, None, :]
+        dd = d0 - KD // 2 + kd_[None, :, None]
+        hs, ws = h0 + s // T, w0 + s % T
+        b_d = tl.load(xn + c3.to(IDX) * sxc + dd.to(IDX) * sxd + hs.to(IDX) * sxh + ws.to(IDX) * sxw,
+                      mask=(c3 < C) & (dd >= 0) & (dd < D) & (hs < H) & (ws < W), other=0.0)  # [BC, KPD, T*T]
+        p_d = tl.dot(tl.reshape(g_cube, [BLOCK_C, T, T * T]), tl.trans(b_d, (0, 2, 1)),
+                     input_precision=PREC, out_dtype=ACC)  # [BC, T(d), KPD]
+        _diagonal_sums(part, p_d, d0 + t_m[None, :, None] < D, C, ch < C, 0, KD)
+
+    @triton.jit
     def _grad_tap(g_centre, g_rest, pos, sg, n_out, ok_rest, SHIFT: tl.constexpr, STRIDE: tl.constexpr,
                   IDX: tl.constexpr):
         """g at the output that reaches input position pos through a tap, SHIFT = k//2 - tap.
@@ -387,6 +465,10 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _index_dtype(*tensors: torch.Tensor):
     return tl.int64 if max(max_offset(t) for t in tensors) >= INT32_LIMIT else tl.int32
 
@@ -407,43 +489,63 @@ def _transposed(*weights: torch.Tensor) -> list[torch.Tensor]:
     return [w.t().contiguous() for w in weights]
 
 
-# Forward on the tensor cores (banded matrix products, _decomposed_conv3d_tc_fwd_kernel):
+# Forward and backward on the tensor cores (banded matrix products, _decomposed_conv3d_tc_*):
 # "auto" = CUDA, float16/bfloat16, NCDHW, stride 1 and D, H, W >= TC_CUBE; "always" wherever the
 # shape allows (also channels-last and float32/float64, the latter in IEEE precision: how the CPU
 # tests run it); "never". Channels-last stays on the CUDA cores under "auto": its blocks hold two
 # channels, so every load reads 4 of a 32-byte sector (bench/conv_notes.md). Not yet timed on a GPU.
-TENSOR_CORE_FORWARD = "auto"
+TENSOR_CORES = "auto"
 TC_CUBE = 16
 
 
 def _use_tensor_cores(x: torch.Tensor, stride: int) -> bool:
-    if TENSOR_CORE_FORWARD not in ("auto", "always", "never"):
-        raise ValueError(f"TENSOR_CORE_FORWARD must be 'auto', 'always' or 'never'; got {TENSOR_CORE_FORWARD!r}")
-    if TENSOR_CORE_FORWARD == "never" or stride != 1 or min(x.shape[2:]) < TC_CUBE:
+    if TENSOR_CORES not in ("auto", "always", "never"):
+        raise ValueError(f"TENSOR_CORES must be 'auto', 'always' or 'never'; got {TENSOR_CORES!r}")
+    if TENSOR_CORES == "never" or stride != 1 or min(x.shape[2:]) < TC_CUBE:
         return False
-    if TENSOR_CORE_FORWARD == "always":
+    if TENSOR_CORES == "always":
         return True
     return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
             and _memory_format(x) == torch.contiguous_format)
 
 
-def _triton_tc_forward(x, weights, bias, y):
+def _tc_launch(x, kd, kh, kw):
+    """Grid and the shared constexprs of the tensor-core kernels for input x (2 channels x a 16-cube)."""
     n, c, d, h, w = x.shape
-    kd, kh, kw = (t.shape[0] for t in weights)
     block_c = 2
     # NCDHW: start the W halo a multiple of 8 columns early, so rows are 16-byte aligned loads.
     w_halo = kw // 2 if _memory_format(x) == torch.channels_last_3d else -(-(kw // 2) // 8) * 8
     n_db, n_hb, n_wb = (triton.cdiv(size, TC_CUBE) for size in (d, h, w))
     grid = (n * n_db * n_hb * n_wb, triton.cdiv(c, block_c))
+    meta = dict(KD=kd, KH=kh, KW=kw, ACC=_acc_dtype(x.dtype),
+                PREC="ieee" if x.dtype in (torch.float32, torch.float64) else "tf32", BLOCK_C=block_c, T=TC_CUBE,
+                KPD=next_power_of_2(TC_CUBE + kd - 1), KPH=next_power_of_2(TC_CUBE + kh - 1),
+                KPW=next_power_of_2(TC_CUBE + w_halo + kw // 2), W_HALO=w_halo, num_warps=4)
+    return grid, (n_db, n_hb, n_wb), meta
+
+
+def _triton_tc_forward(x, weights, bias, y):
+    n, c, d, h, w = x.shape
+    grid, blocks, meta = _tc_launch(x, *(t.shape[0] for t in weights))
     _decomposed_conv3d_tc_fwd_kernel[grid](
         x, *weights, bias.contiguous() if bias is not None else x, y,
-        c, d, h, w, *x.stride(), *y.stride(), n_db, n_hb, n_wb,
-        KD=kd, KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC=_acc_dtype(x.dtype), IDX=_index_dtype(x, y),
-        PREC="ieee" if x.dtype in (torch.float32, torch.float64) else "tf32", BLOCK_C=block_c, T=TC_CUBE,
-        KPD=next_power_of_2(TC_CUBE + kd - 1), KPH=next_power_of_2(TC_CUBE + kh - 1),
-        KPW=next_power_of_2(TC_CUBE + w_halo + kw // 2), W_HALO=w_halo, FINITE_CHECK=True, num_warps=4,
+        c, d, h, w, *x.stride(), *y.stride(), *blocks,
+        HAS_BIAS=bias is not None, IDX=_index_dtype(x, y), FINITE_CHECK=True, **meta,
     )
     return y
+
+
+def _triton_tc_backward(grad, x, weights, dx):
+    """dx = the forward of grad with the kernels reversed (the transposed stencil of a stride-1
+    zero-padded conv); weight and bias gradients from the tensor-core dweight kernel."""
+    n, c, d, h, w = x.shape
+    _triton_tc_forward(grad, [t.flip(0).contiguous() for t in weights], None, dx)
+    grid, blocks, meta = _tc_launch(x, *(t.shape[0] for t in weights))
+    partials = torch.empty((grid[0], sum(t.shape[0] for t in weights) + 1, c), dtype=_compute_dtype(x.dtype),
+                           device=x.device)
+    _decomposed_conv3d_tc_dweight_kernel[grid](
+        x, grad, partials, c, d, h, w, *x.stride(), *grad.stride(), *blocks, IDX=_index_dtype(x, grad), **meta)
+    return partials
 
 
 def _triton_forward(x, weight_d, weight_h, weight_w, bias, stride):
@@ -473,22 +575,25 @@ def _triton_backward(grad, x, weight_d, weight_h, weight_w, stride):
     kd, kh, kw = weight_d.shape[1], weight_h.shape[1], weight_w.shape[1]
     n, c, d, h, w = x.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc_dtype = _compute_dtype(x.dtype)
     if x.numel() == 0:
         zeros = [torch.zeros_like(t) for t in (weight_d, weight_h, weight_w)]
         return dx.zero_(), *zeros, torch.zeros(c, dtype=x.dtype, device=x.device)
-    _, _, do, ho, wo = grad.shape
-    cfg = _tile_config(x, h, w, d)
-    grid, (n_db, n_hb, n_wb) = _grid(n, d, h, w, c, cfg)
-    partials = torch.empty((grid[0], kd + kh + kw + 1, c), dtype=acc_dtype, device=x.device)
-    _decomposed_conv3d_bwd_kernel[grid](
-        x, grad, *_transposed(weight_d, weight_h, weight_w), dx, partials,
-        c, d, h, w, do, ho, wo,
-        *x.stride(), *grad.stride(), *dx.stride(),
-        n_db, n_hb, n_wb,
-        KD=kd, KH=kh, KW=kw, STRIDE=stride,
-        ACC=_acc_dtype(x.dtype), IDX=_index_dtype(x, grad, dx), **_block_kwargs(cfg),
-    )
+    if _use_tensor_cores(x, stride):
+        partials = _triton_tc_backward(grad, x, _transposed(weight_d, weight_h, weight_w), dx)
+    else:
+        _, _, do, ho, wo = grad.shape
+        cfg = _tile_config(x, h, w, d)
+        grid, (n_db, n_hb, n_wb) = _grid(n, d, h, w, c, cfg)
+        partials = torch.empty((grid[0], kd + kh + kw + 1, c), dtype=acc_dtype, device=x.device)
+        _decomposed_conv3d_bwd_kernel[grid](
+            x, grad, *_transposed(weight_d, weight_h, weight_w), dx, partials,
+            c, d, h, w, do, ho, wo,
+            *x.stride(), *grad.stride(), *dx.stride(),
+            n_db, n_hb, n_wb,
+            KD=kd, KH=kh, KW=kw, STRIDE=stride,
+            ACC=_acc_dtype(x.dtype), IDX=_index_dtype(x, grad, dx), **_block_kwargs(cfg),
+        )
     # A fixed-order reduction over programs: deterministic run to run.
     totals = partials.sum(dim=0).to(x.dtype)  # (kd + kh + kw + 1, C)
     # clone, not contiguous(): a (C, 1) transposed slice counts as contiguous and would alias.

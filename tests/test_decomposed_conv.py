@@ -162,7 +162,7 @@ def test_tensor_core_forward_matches_reference(shape, ks, layout, dtype, bias, m
     """The banded-matrix forward (run here with IEEE fp32 / fp16 dots): cubes of 16 with partial
     cubes on every axis, odd channel counts (two channels per program), both memory formats, a
     strided view, k = 1 and k = 31 (a halo wider than the cube)."""
-    monkeypatch.setattr(dc, "TENSOR_CORE_FORWARD", "always")
+    monkeypatch.setattr(dc, "TENSOR_CORES", "always")
     torch.manual_seed(hash((shape, ks)) % 2**31)
     base = torch.randn(shape[0], shape[1] * 2, *shape[2:])
     x = {"ncdhw": base[:, : shape[1]].contiguous(),
@@ -180,10 +180,33 @@ def test_tensor_core_forward_matches_reference(shape, ks, layout, dtype, bias, m
         assert y.is_contiguous(memory_format=torch.channels_last_3d)
 
 
-def test_tensor_core_forward_recomputes_non_finite_blocks(monkeypatch):
-    """Zeros of the band times an Inf would give NaN where the reference is finite: such blocks
-    are recomputed on the direct path, so NaN/Inf land exactly where the reference puts them."""
-    monkeypatch.setattr(dc, "TENSOR_CORE_FORWARD", "always")
+@pytest.mark.parametrize("shape,ks,layout,dtype,bias", [c for c in TC_CASES if c[3] == torch.float32])
+def test_tensor_core_backward_matches_reference(shape, ks, layout, dtype, bias, monkeypatch):
+    """dx as the forward of g with reversed kernels; weight/bias gradients as diagonal sums of
+    per-cube products (the tensor-core backward); bitwise repeatable."""
+    monkeypatch.setattr(dc, "TENSOR_CORES", "always")
+    torch.manual_seed(hash((shape, ks, 1)) % 2**31)
+    x = torch.randn(shape)
+    x = x.contiguous(memory_format=torch.channels_last_3d) if layout == "cl" else x
+    leaves = [x.requires_grad_(), *[(torch.randn(shape[1], k) / k).requires_grad_() for k in ks]]
+    if bias:
+        leaves.append(torch.randn(shape[1], requires_grad=True))
+    y = decomposed_conv3d(*leaves, backend="triton")
+    grad = torch.randn_like(y)
+    with poisoned_allocations():
+        got = torch.autograd.grad(y, leaves, grad)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    want = torch.autograd.grad(decomposed_conv3d_reference(*ref_leaves), ref_leaves, grad.double())
+    for name, g, w in zip(["x", "weight_d", "weight_h", "weight_w", "bias"], got, want):
+        assert rel_err(g, w) <= 1e-6, name
+    again = torch.autograd.grad(decomposed_conv3d(*leaves, backend="triton"), leaves, grad)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+def test_tensor_core_path_puts_non_finite_values_where_the_reference_does(monkeypatch):
+    """Zeros of the band times an Inf would give NaN where the reference is finite: such forward
+    blocks are recomputed on the direct path, so NaN/Inf land exactly where the reference puts them."""
+    monkeypatch.setattr(dc, "TENSOR_CORES", "always")
     torch.manual_seed(6)
     x = torch.randn(1, 3, 16, 20, 16)
     x[0, 0, 4, 17, 9] = float("inf")
@@ -196,8 +219,20 @@ def test_tensor_core_forward_recomputes_non_finite_blocks(monkeypatch):
     assert not finite.all() and finite[0, 1].all()
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
 
+    # Backward, with a NaN in the output gradient as well: every gradient non-finite exactly where
+    # the reference's is (products of zeros with the Inf stay out of the weight-gradient sums).
+    leaves = [x.requires_grad_(), *[w.requires_grad_() for w in weights]]
+    grad = torch.randn_like(want)
+    grad[0, 1, 3, 3, 3] = float("nan")
+    got = torch.autograd.grad(decomposed_conv3d(*leaves, backend="triton"), leaves, grad)
+    want = torch.autograd.grad(decomposed_conv3d_reference(*leaves), leaves, grad)
+    for g, w in zip(got, want):
+        assert torch.equal(torch.isnan(g), torch.isnan(w)) and torch.equal(torch.isinf(g), torch.isinf(w))
+        finite = torch.isfinite(w)
+        torch.testing.assert_close(g[finite], w[finite], rtol=1e-4, atol=1e-4)
 
-def test_tensor_core_forward_dispatch(monkeypatch):
+
+def test_tensor_core_dispatch(monkeypatch):
     def fake(shape=(2, 8, 16, 16, 16), dtype=torch.bfloat16, channels_last=False, cuda=True):
         t = torch.empty(shape, dtype=dtype, device="meta")
         t = t.contiguous(memory_format=torch.channels_last_3d) if channels_last else t
@@ -210,10 +245,10 @@ def test_tensor_core_forward_dispatch(monkeypatch):
     assert not dc._use_tensor_cores(fake(dtype=torch.float32), 1)
     assert not dc._use_tensor_cores(fake(channels_last=True), 1)
     assert not dc._use_tensor_cores(fake(cuda=False), 1)
-    monkeypatch.setattr(dc, "TENSOR_CORE_FORWARD", "never")
+    monkeypatch.setattr(dc, "TENSOR_CORES", "never")
     assert not dc._use_tensor_cores(fake(), 1)
-    monkeypatch.setattr(dc, "TENSOR_CORE_FORWARD", "sometimes")
-    with pytest.raises(ValueError, match="TENSOR_CORE_FORWARD"):
+    monkeypatch.setattr(dc, "TENSOR_CORES", "sometimes")
+    with pytest.raises(ValueError, match="TENSOR_CORES"):
         dc._use_tensor_cores(fake(), 1)
 
 
@@ -426,6 +461,27 @@ def test_gpu_matches_fp32_reference(dtype, tol, channels_last, stride):
         assert rel_err(g, w) <= tol
     again = torch.autograd.grad(decomposed_conv3d(*leaves, stride=stride), leaves, grad.to(dtype))
     assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_tensor_cores_against_direct_kernel_and_non_finite_inputs(dtype, monkeypatch):
+    """bf16/fp16 NCDHW takes the tensor-core kernels on CUDA: same results as the direct stencil
+    (fp32 accumulation both), and NaN/Inf where the reference puts them."""
+    torch.manual_seed(12)
+    x = torch.randn(2, 40, 20, 35, 48, device="cuda", dtype=dtype)
+    x[1, 7, 4, 30, 5] = float("inf")
+    weights = [torch.randn(40, k, device="cuda", dtype=dtype) / k for k in (13, 11, 9)]
+    grad = torch.randn_like(x)
+    assert dc._use_tensor_cores(x, 1)
+    tc = [decomposed_conv3d(x, *weights), *torch.ops.dcformer_kernels.decomposed_conv3d_backward(grad, x, *weights, 1)]
+    monkeypatch.setattr(dc, "TENSOR_CORES", "never")
+    direct = [decomposed_conv3d(x, *weights),
+              *torch.ops.dcformer_kernels.decomposed_conv3d_backward(grad, x, *weights, 1)]
+    for a, b in zip(tc, direct):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.isinf(a), torch.isinf(b))
+        finite = torch.isfinite(b)
+        assert rel_err(a[finite], b[finite]) <= 1e-2
 
 
 @pytest.mark.gpu
