@@ -133,6 +133,15 @@ def _tile_config(x: torch.Tensor, out_h: int, out_w: int, depth: int) -> _TileCo
 if HAS_TRITON:
 
     @triton.jit
+    def _split_pid(pid_s, n_db, n_hb, n_wb):
+        """Spatial program id -> (n, block index along D, along H, along W)."""
+        wb = pid_s % n_wb
+        t = pid_s // n_wb
+        hb = t % n_hb
+        t = t // n_hb
+        return t // n_db, t % n_db, hb, wb
+
+    @triton.jit
     def _block_coords(pid_s, pid_c, n_db, n_hb, n_wb,
                       BLOCK_C: tl.constexpr, DT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr):
         """Program -> n and the block's coordinates, as broadcastable [DT, BLOCK_C, RH*RW] vectors.
@@ -140,12 +149,7 @@ if HAS_TRITON:
         Returns (n, d [DT,1,1], c [1,BLOCK_C,1], h [1,1,S], w [1,1,S]); every per-axis mask is then
         computed on a small vector and broadcast once.
         """
-        wb = pid_s % n_wb
-        t = pid_s // n_wb
-        hb = t % n_hb
-        t = t // n_hb
-        db = t % n_db
-        n = t // n_db
+        n, db, hb, wb = _split_pid(pid_s, n_db, n_hb, n_wb)
         d = db * DT + tl.arange(0, DT)[:, None, None]
         c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)[None, :, None]
         s = tl.arange(0, RH * RW)[None, None, :]
@@ -210,6 +214,37 @@ if HAS_TRITON:
                         KD, KH, KW, STRIDE, HAS_BIAS, ACC, IDX)
 
     @triton.jit
+    def _x_rows_w_halo(xn, c3, d0, h0, w0, C, D, H, W, sxc, sxd, sxh, sxw,
+                       T: tl.constexpr, KPW: tl.constexpr, W_HALO: tl.constexpr, IDX: tl.constexpr):
+        """x over the cube's rows (d, h) and the W axis from w0 - W_HALO: [BC, T*T, KPW], 0 outside."""
+        r = tl.arange(0, T * T)[None, :, None]
+        d, h, w = d0 + r // T, h0 + r % T, w0 - W_HALO + tl.arange(0, KPW)[None, None, :]
+        return tl.load(xn + c3.to(IDX) * sxc + d.to(IDX) * sxd + h.to(IDX) * sxh + w.to(IDX) * sxw,
+                       mask=(c3 < C) & (d < D) & (h < H) & (w >= 0) & (w < W), other=0.0)
+
+    @triton.jit
+    def _x_planes_h_halo(xn, c3, d0, h0, w0, C, D, H, W, sxc, sxd, sxh, sxw,
+                         T: tl.constexpr, KPH: tl.constexpr, KH: tl.constexpr, IDX: tl.constexpr):
+        """x over the cube's planes d, the H axis from h0 - KH//2, the cube's columns w: [BC, T, KPH, T]."""
+        c4 = c3[:, :, :, None]
+        t_m = tl.arange(0, T)
+        d = d0 + t_m[None, :, None, None]
+        h = h0 - KH // 2 + tl.arange(0, KPH)[None, None, :, None]
+        w = w0 + t_m[None, None, None, :]
+        return tl.load(xn + c4.to(IDX) * sxc + d.to(IDX) * sxd + h.to(IDX) * sxh + w.to(IDX) * sxw,
+                       mask=(c4 < C) & (d < D) & (h >= 0) & (h < H) & (w < W), other=0.0)
+
+    @triton.jit
+    def _x_d_halo_columns(xn, c3, d0, h0, w0, C, D, H, W, sxc, sxd, sxh, sxw,
+                          T: tl.constexpr, KPD: tl.constexpr, KD: tl.constexpr, IDX: tl.constexpr):
+        """x over the D axis from d0 - KD//2 and the cube's columns (h, w): [BC, KPD, T*T]."""
+        s = tl.arange(0, T * T)[None, None, :]
+        d = d0 - KD // 2 + tl.arange(0, KPD)[None, :, None]
+        h, w = h0 + s // T, w0 + s % T
+        return tl.load(xn + c3.to(IDX) * sxc + d.to(IDX) * sxd + h.to(IDX) * sxh + w.to(IDX) * sxw,
+                       mask=(c3 < C) & (d >= 0) & (d < D) & (h < H) & (w < W), other=0.0)
+
+    @triton.jit
     def _band(w_ptr, c, tap, C, K: tl.constexpr):
         """Banded (Toeplitz) matrix of one branch: entry w[c, tap] where 0 <= tap < K, else 0."""
         return tl.load(w_ptr + tap * C + c, mask=(c < C) & (tap >= 0) & (tap < K), other=0.0)
@@ -237,26 +272,14 @@ if HAS_TRITON:
         # only for counting the fast path's instructions, bench/sass_conv.py.) The W halo starts
         # W_HALO >= KW//2 columns before the cube, so NCDHW rows load from aligned addresses.
         pid_s = tl.program_id(0)
-        wb = pid_s % n_wb
-        t = pid_s // n_wb
-        hb = t % n_hb
-        t = t // n_hb
-        db = t % n_db
-        n = t // n_db
-        d0 = db * T
-        h0 = hb * T
-        w0 = wb * T
+        n, db, hb, wb = _split_pid(pid_s, n_db, n_hb, n_wb)
+        d0, h0, w0 = db * T, hb * T, wb * T
         c0 = tl.program_id(1) * BLOCK_C
         xn = x_ptr + n.to(IDX) * sxn
         c3 = c0 + tl.arange(0, BLOCK_C)[:, None, None]  # [BC, 1, 1]
-        c4 = c3[:, :, :, None]  # [BC, 1, 1, 1]
         t_m = tl.arange(0, T)
         # W branch: rows r = (d, h) of the cube, columns k of the halo'd W axis.
-        r = tl.arange(0, T * T)[None, :, None]
-        kw_ = tl.arange(0, KPW)[None, None, :]
-        da, ha, wa = d0 + r // T, h0 + r % T, w0 - W_HALO + kw_
-        a_w = tl.load(xn + c3.to(IDX) * sxc + da.to(IDX) * sxd + ha.to(IDX) * sxh + wa.to(IDX) * sxw,
-                      mask=(c3 < C) & (da < D) & (ha < H) & (wa >= 0) & (wa < W), other=0.0)
+        a_w = _x_rows_w_halo(xn, c3, d0, h0, w0, C, D, H, W, sxc, sxd, sxh, sxw, T, KPW, W_HALO, IDX)
         band_w = _band(ww_ptr, c3, tl.arange(0, KPW)[None, :, None] - t_m[None, None, :] - (W_HALO - KW // 2), C,
                        KW)  # [BC, KPW, T]
         acc = tl.dot(a_w, band_w.to(a_w.dtype), input_precision=PREC, out_dtype=ACC)  # [BC, T*T, T]
@@ -264,30 +287,21 @@ if HAS_TRITON:
         kh_ = tl.arange(0, KPH)
         band_h = _band(wh_ptr, c3, kh_[None, None, :] - t_m[None, :, None], C, KH)  # [BC, T, KPH]
         band_h = tl.reshape(tl.broadcast_to(band_h[:, None, :, :], [BLOCK_C, T, T, KPH]), [BLOCK_C * T, T, KPH])
-        dh = d0 + t_m[None, :, None, None]
-        hh = h0 - KH // 2 + kh_[None, None, :, None]
-        wh = w0 + t_m[None, None, None, :]
-        b_h = tl.load(xn + c4.to(IDX) * sxc + dh.to(IDX) * sxd + hh.to(IDX) * sxh + wh.to(IDX) * sxw,
-                      mask=(c4 < C) & (dh < D) & (hh >= 0) & (hh < H) & (wh < W)
-                      & (kh_[None, None, :, None] < T + KH - 1), other=0.0)  # [BC, T, KPH, T]
+        b_h = _x_planes_h_halo(xn, c3, d0, h0, w0, C, D, H, W, sxc, sxd, sxh, sxw, T, KPH, KH, IDX)
         y_h = tl.dot(band_h.to(b_h.dtype), tl.reshape(b_h, [BLOCK_C * T, KPH, T]), input_precision=PREC,
                      out_dtype=ACC)  # [BC*T, T, T]
         acc += tl.reshape(y_h, [BLOCK_C, T * T, T])
         # D branch: columns s = (h, w) of the cube.
         kd_ = tl.arange(0, KPD)
         band_d = _band(wd_ptr, c3, kd_[None, None, :] - t_m[None, :, None], C, KD)  # [BC, T, KPD]
-        s = tl.arange(0, T * T)[None, None, :]
-        dd = d0 - KD // 2 + kd_[None, :, None]
-        hs, ws = h0 + s // T, w0 + s % T
-        b_d = tl.load(xn + c3.to(IDX) * sxc + dd.to(IDX) * sxd + hs.to(IDX) * sxh + ws.to(IDX) * sxw,
-                      mask=(c3 < C) & (dd >= 0) & (dd < D) & (hs < H) & (ws < W)
-                      & (kd_[None, :, None] < T + KD - 1), other=0.0)  # [BC, KPD, T*T]
+        b_d = _x_d_halo_columns(xn, c3, d0, h0, w0, C, D, H, W, sxc, sxd, sxh, sxw, T, KPD, KD, IDX)
         y_d = tl.dot(band_d.to(b_d.dtype), b_d, input_precision=PREC, out_dtype=ACC)  # [BC, T, T*T]
         acc += tl.reshape(y_d, [BLOCK_C, T * T, T])
         if HAS_BIAS:
             acc += tl.load(b_ptr + c3, mask=c3 < C, other=0.0).to(ACC)
         # Output rows r = (d, h), columns w.
-        wo = w0 + t_m[None, None, :]
+        r = tl.arange(0, T * T)[None, :, None]
+        da, ha, wo = d0 + r // T, h0 + r % T, w0 + t_m[None, None, :]
         ok = (c3 < C) & (da < D) & (ha < H) & (wo < W)
         n_bad = tl.sum(tl.sum(tl.sum(tl.where(ok & ~(tl.abs(acc) < float("inf")), 1, 0), axis=2), axis=1), axis=0)
         if (n_bad == 0) or (not FINITE_CHECK):
@@ -326,19 +340,11 @@ if HAS_TRITON:
         # w' - w = l - KW//2 (rows w inside the volume only: outside, g is 0 but x may be Inf);
         # H and D alike. Partials (P, KD+KH+KW+1, C) as in the direct backward.
         pid_s = tl.program_id(0)
-        wb = pid_s % n_wb
-        t = pid_s // n_wb
-        hb = t % n_hb
-        t = t // n_hb
-        db = t % n_db
-        n = t // n_db
-        d0 = db * T
-        h0 = hb * T
-        w0 = wb * T
+        n, db, hb, wb = _split_pid(pid_s, n_db, n_hb, n_wb)
+        d0, h0, w0 = db * T, hb * T, wb * T
         c0 = tl.program_id(1) * BLOCK_C
         xn = x_ptr + n.to(IDX) * sxn
         c3 = c0 + tl.arange(0, BLOCK_C)[:, None, None]
-        c4 = c3[:, :, :, None]
         ch = c0 + tl.arange(0, BLOCK_C)
         part = part_ptr + pid_s.to(tl.int64) * ((KD + KH + KW + 1) * C) + ch
         t_m = tl.arange(0, T)
@@ -349,31 +355,18 @@ if HAS_TRITON:
                          + wr.to(IDX) * sgw, mask=(c3 < C) & (dr < D) & (hr < H) & (wr < W), other=0.0)
         tl.store(part + (KD + KH + KW) * C, tl.sum(tl.sum(g_cube.to(ACC), axis=2), axis=1), mask=ch < C)
         # W branch.
-        kw_ = tl.arange(0, KPW)[None, None, :]
-        wa = w0 - W_HALO + kw_
-        a_w = tl.load(xn + c3.to(IDX) * sxc + dr.to(IDX) * sxd + hr.to(IDX) * sxh + wa.to(IDX) * sxw,
-                      mask=(c3 < C) & (dr < D) & (hr < H) & (wa >= 0) & (wa < W), other=0.0)
+        a_w = _x_rows_w_halo(xn, c3, d0, h0, w0, C, D, H, W, sxc, sxd, sxh, sxw, T, KPW, W_HALO, IDX)
         p_w = tl.dot(tl.trans(g_cube, (0, 2, 1)), a_w, input_precision=PREC, out_dtype=ACC)  # [BC, T, KPW]
         _diagonal_sums(part + (KD + KH) * C, p_w, w0 + t_m[None, :, None] < W, C, ch < C, W_HALO - KW // 2, KW)
         # H branch: batch (c, d), summed over d afterwards.
-        kh_ = tl.arange(0, KPH)
-        dh = d0 + t_m[None, :, None, None]
-        hh = h0 - KH // 2 + kh_[None, None, :, None]
-        wh = w0 + t_m[None, None, None, :]
-        b_h = tl.load(xn + c4.to(IDX) * sxc + dh.to(IDX) * sxd + hh.to(IDX) * sxh + wh.to(IDX) * sxw,
-                      mask=(c4 < C) & (dh < D) & (hh >= 0) & (hh < H) & (wh < W), other=0.0)  # [BC, T, KPH, T]
+        b_h = _x_planes_h_halo(xn, c3, d0, h0, w0, C, D, H, W, sxc, sxd, sxh, sxw, T, KPH, KH, IDX)
         p_h = tl.dot(tl.reshape(g_cube, [BLOCK_C * T, T, T]),
                      tl.trans(tl.reshape(b_h, [BLOCK_C * T, KPH, T]), (0, 2, 1)),
                      input_precision=PREC, out_dtype=ACC)  # [BC*T, T(h), KPH]
         p_h = tl.sum(tl.reshape(p_h, [BLOCK_C, T, T, KPH]), axis=1)
         _diagonal_sums(part + KD * C, p_h, h0 + t_m[None, :, None] < H, C, ch < C, 0, KH)
         # D branch: columns s = (h, w).
-        kd_ = tl.arange(0, KPD)
-        s = tl.arange(0, T * T)[None, None, :]
-        dd = d0 - KD // 2 + kd_[None, :, None]
-        hs, ws = h0 + s // T, w0 + s % T
-        b_d = tl.load(xn + c3.to(IDX) * sxc + dd.to(IDX) * sxd + hs.to(IDX) * sxh + ws.to(IDX) * sxw,
-                      mask=(c3 < C) & (dd >= 0) & (dd < D) & (hs < H) & (ws < W), other=0.0)  # [BC, KPD, T*T]
+        b_d = _x_d_halo_columns(xn, c3, d0, h0, w0, C, D, H, W, sxc, sxd, sxh, sxw, T, KPD, KD, IDX)
         p_d = tl.dot(tl.reshape(g_cube, [BLOCK_C, T, T * T]), tl.trans(b_d, (0, 2, 1)),
                      input_precision=PREC, out_dtype=ACC)  # [BC, T(d), KPD]
         _diagonal_sums(part, p_d, d0 + t_m[None, :, None] < D, C, ch < C, 0, KD)
