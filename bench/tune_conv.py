@@ -3,7 +3,8 @@
     python -m bench.tune_conv [--out DIR]
 
 For DCFormer's stage shapes (batch 2, bf16) and both memory formats, times the forward and the
-backward kernel for each candidate tile and prints the best per case. Writes tune_conv.csv.
+backward of the direct kernels for each candidate tile (tensor cores off) and, where the shape
+takes them, of the tensor-core kernels; prints the best per case. Writes tune_conv.csv.
 """
 from __future__ import annotations
 
@@ -41,14 +42,18 @@ def main(argv=None):
             g = torch.randn_like(x)
             copy_ms = time_fn(lambda: torch.clone(x), 10, 40).median_ms
             results = []
-            for cfg in candidates:
-                with mock.patch.object(dc, "_tile_config", lambda *a, cfg=cfg, **kw: cfg):
+            name = f"2x{c}x{d}x{h}x{w} k={k}"
+            variants = [(str(cfg), cfg, "never") for cfg in candidates]  # the direct kernel's tiles
+            if dc._use_tensor_cores(x, 1):
+                variants.append(("tensor cores", None, "auto"))
+            for label, cfg, tensor_cores in variants:
+                tiles = (lambda *a, cfg=cfg, **kw: cfg) if cfg else dc._tile_config
+                with mock.patch.object(dc, "_tile_config", tiles), mock.patch.object(dc, "TENSOR_CORES", tensor_cores):
                     fwd = time_fn(lambda: dc._triton_forward(x, *ws, None, 1), 10, 40).median_ms
                     bwd = time_fn(lambda: dc._triton_backward(g, x, *ws, 1), 10, 40).median_ms
-                results.append((fwd, bwd, cfg))
-                name = f"2x{c}x{d}x{h}x{w} k={k}"
+                results.append((fwd, bwd, label))
                 for mode, ms in (("forward", fwd), ("backward", bwd)):
-                    rows.append(Row("decomposed_conv3d", str(cfg), name, "bfloat16", mode, "time", round(ms, 4),
+                    rows.append(Row("decomposed_conv3d", label, name, "bfloat16", mode, "time", round(ms, 4),
                                     "ms", env=env))
             best_f = min(results, key=lambda r: r[0])
             best_b = min(results, key=lambda r: r[1])

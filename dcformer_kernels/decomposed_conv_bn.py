@@ -13,9 +13,11 @@ Forward (two reads of x):
   The conv biases c_b cancel in training-mode BN: they only enter the running means.
 Backward (two reads of x and g):
   1. reduction kernel: Σ g and Σ g·z_b per channel (z_b recomputed in registers);
-  2. dx kernel: dz_b = a_b (g − m_g) − e_b (z_b − μ_b) recomputed on the fly at the shifted
-     positions each tap needs, dx = Σ_b K_bᵀ dz_b, and per-program partials of Σ x·dz_b for the
-     weight gradients (reduced in a fixed order: deterministic, no atomics).
+  2. dx kernel: dx = Σ_b a_b K_bᵀ g − e_b K_bᵀ z_b + c_b K_bᵀ 1, where K_bᵀ z_b = Σ_δ A_b(p, δ) x(p + δ)
+     with A_b the weights' autocorrelation cut at the volume's borders (host tables, O(k) loads
+     per element, no z_b at shifted positions); the same loads give z_b(p), hence ∂L/∂z_b(p), and
+     per-program partials of Σ_p ∂L/∂z_b(p)·x(p + j − k//2) for the weight gradients (reduced in
+     a fixed order: deterministic, no atomics).
 Saved for backward: x, the weights, γ, and per-channel μ_b, σ_b. Stride 1 only (DCFormer's
 blocks); other strides use the unfused module path.
 """

@@ -133,19 +133,31 @@ def test_equals_dense_depthwise_conv_with_axis_line_kernel(stride):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_nan_and_inf_propagate_like_reference():
+@pytest.mark.parametrize("stride", [1, 2])
+def test_nan_and_inf_propagate_like_reference(stride):
     torch.manual_seed(5)
     x = torch.randn(1, 2, 5, 6, 7)
-    x[0, 0, 2, 3, 3] = float("nan")
-    x[0, 1, 1, 1, 1] = float("inf")
+    x[0, 0, 2, 2, 4] = float("nan")  # on the stride-2 grid
+    x[0, 1, 0, 1, 1] = float("inf")  # at the D border: some taps reach no output from here
+    x[0, 1, 3, 5, 2] = float("inf")  # off the stride-2 grid along H
     weights = [torch.randn(2, k) for k in (3, 3, 5)]
-    got = decomposed_conv3d(x, *weights, backend="triton")
-    want = decomposed_conv3d_reference(x, *weights)
+    got = decomposed_conv3d(x, *weights, stride=stride, backend="triton")
+    want = decomposed_conv3d_reference(x, *weights, stride=stride)
     assert torch.equal(torch.isnan(got), torch.isnan(want))
     assert torch.isnan(got).sum() > 1  # the NaN spread along the three axes
     finite = torch.isfinite(want)
     assert torch.equal(torch.isfinite(got), finite)
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
+
+    # Backward: x * g enters a weight gradient only where the tap reaches an output (never Inf * 0).
+    leaves = [x.requires_grad_(), *[w.requires_grad_() for w in weights]]
+    grad = torch.randn_like(want)
+    got = torch.autograd.grad(decomposed_conv3d(*leaves, stride=stride, backend="triton"), leaves, grad)
+    want = torch.autograd.grad(decomposed_conv3d_reference(*leaves, stride=stride), leaves, grad)
+    for g, w in zip(got, want):
+        assert torch.equal(torch.isnan(g), torch.isnan(w)) and torch.equal(torch.isinf(g), torch.isinf(w))
+        finite = torch.isfinite(w)
+        torch.testing.assert_close(g[finite], w[finite], rtol=1e-5, atol=1e-4)
 
 
 TC_CASES = [
@@ -153,6 +165,7 @@ TC_CASES = [
     ((1, 3, 17, 16, 20), (5, 3, 7), "ncdhw", torch.float32, True),
     ((2, 2, 16, 18, 16), (13, 1, 11), "cl", torch.float32, False),
     ((1, 3, 16, 17, 16), (3, 9, 31), "view", torch.float32, True),
+    ((1, 2, 17, 18, 16), (31, 31, 1), "ncdhw", torch.float32, False),  # D and H halos wider than 32
     ((1, 2, 16, 16, 18), (7, 5, 3), "ncdhw", torch.float16, True),
 ]
 
@@ -161,7 +174,7 @@ TC_CASES = [
 def test_tensor_core_forward_matches_reference(shape, ks, layout, dtype, bias, monkeypatch):
     """The banded-matrix forward (run here with IEEE fp32 / fp16 dots): cubes of 16 with partial
     cubes on every axis, odd channel counts (two channels per program), both memory formats, a
-    strided view, k = 1 and k = 31 (a halo wider than the cube)."""
+    strided view, k = 1 and k = 31 on every axis (halos wider than the cube)."""
     monkeypatch.setattr(dc, "TENSOR_CORES", "always")
     torch.manual_seed(hash((shape, ks)) % 2**31)
     base = torch.randn(shape[0], shape[1] * 2, *shape[2:])
@@ -208,10 +221,10 @@ def test_tensor_core_path_puts_non_finite_values_where_the_reference_does(monkey
     blocks are recomputed on the direct path, so NaN/Inf land exactly where the reference puts them."""
     monkeypatch.setattr(dc, "TENSOR_CORES", "always")
     torch.manual_seed(6)
-    x = torch.randn(1, 3, 16, 20, 16)
-    x[0, 0, 4, 17, 9] = float("inf")
+    x = torch.randn(1, 3, 16, 18, 16)
+    x[0, 0, 4, 17, 9] = float("inf")  # next to the H border: reaches rows past the volume in a cube
     x[0, 2, 12, 3, 3] = float("nan")
-    weights = [torch.randn(3, k) for k in (5, 3, 7)]
+    weights = [torch.randn(3, k) for k in (5, 5, 7)]
     got = decomposed_conv3d(x, *weights, backend="triton")
     want = decomposed_conv3d_reference(x, *weights)
     assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
@@ -297,6 +310,16 @@ def _args(**change):
 def test_bad_input(change, error, pattern):
     with pytest.raises(error, match=pattern):
         decomposed_conv3d(**_args(**change))
+
+
+def test_registered_ops_check_their_arguments():
+    """torch.ops.dcformer_kernels.* are public: they validate like the functional form."""
+    x = torch.randn(1, 2, 4, 5, 6)
+    good = [torch.randn(2, 3) for _ in range(3)]
+    with pytest.raises(ValueError, match="odd"):
+        torch.ops.dcformer_kernels.decomposed_conv3d(x, torch.randn(2, 4), *good[1:], None, 1)
+    with pytest.raises(ValueError, match="grad must have the output's shape"):
+        torch.ops.dcformer_kernels.decomposed_conv3d_backward(torch.randn(1, 2, 4, 5, 5), x, *good, 1)
 
 
 def test_flop_counter_counts_the_fused_op():
@@ -485,7 +508,9 @@ def test_gpu_tensor_cores_against_direct_kernel_and_non_finite_inputs(dtype, mon
 
 
 @pytest.mark.gpu
-def test_gpu_over_2_31_elements_uses_64_bit_offsets():
+@pytest.mark.parametrize("tensor_cores", ["auto", "never"])
+def test_gpu_over_2_31_elements_uses_64_bit_offsets(tensor_cores, monkeypatch):
+    monkeypatch.setattr(dc, "TENSOR_CORES", tensor_cores)  # both kernel families, 64-bit offsets
     free, _ = torch.cuda.mem_get_info()
     if free < 24 * 2**30:
         pytest.skip("needs 24 GiB of free GPU memory")
