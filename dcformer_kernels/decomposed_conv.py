@@ -403,6 +403,54 @@ if HAS_TRITON:
         return tl.sum(tl.sum(v, axis=2), axis=0)
 
     @triton.jit
+    def _masked_product(x, g, reached, EXACT: tl.constexpr):
+        """x * g, and 0 where the tap reaches no output if EXACT (x may hold Inf or NaN there)."""
+        if EXACT:
+            return tl.where(reached, x * g, 0.0)
+        else:
+            return x * g
+
+    @triton.jit
+    def _bwd_taps(xv, g0, g_c, g_d, g_hw, wd_ptr, wh_ptr, ww_ptr, part, part_ok, c, c_ok, ok, d_on, hw_on,
+                  d, h, w, C, DO, HO, WO, sgd, sgh, sgw,
+                  KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, ACC: tl.constexpr,
+                  IDX: tl.constexpr, EXACT: tl.constexpr):
+        """dx of the block (returned) and the per-tap partials of sum x * g (stored)."""
+        centre = ok & d_on & hw_on
+        gv = tl.load(g0, mask=centre, other=0.0).to(ACC)
+        dx = (tl.load(wd_ptr + (KD // 2) * C + c, mask=c_ok, other=0.0).to(ACC) * gv
+              + tl.load(wh_ptr + (KH // 2) * C + c, mask=c_ok, other=0.0).to(ACC) * gv
+              + tl.load(ww_ptr + (KW // 2) * C + c, mask=c_ok, other=0.0).to(ACC) * gv)
+        xg = _tap_sum(_masked_product(xv, gv, centre, EXACT))
+        tl.store(part + (KD // 2) * C, xg, mask=part_ok)
+        tl.store(part + (KD + KH // 2) * C, xg, mask=part_ok)
+        tl.store(part + (KD + KH + KW // 2) * C, xg, mask=part_ok)
+        tl.store(part + (KD + KH + KW) * C, _tap_sum(gv), mask=part_ok)
+        for i in tl.static_range(KD):
+            if i != KD // 2:
+                gv, m = _grad_tap(g0, g_c + g_hw, d, sgd, DO, ok & hw_on, KD // 2 - i, STRIDE, IDX)
+                gv = gv.to(ACC)
+                dx += tl.load(wd_ptr + i * C + c, mask=c_ok, other=0.0).to(ACC) * gv
+                tl.store(part + i * C, _tap_sum(_masked_product(xv, gv, m, EXACT)), mask=part_ok)
+        for j in tl.static_range(KH):
+            if j != KH // 2:
+                ok_rest = ok & d_on & ((w % STRIDE) == 0)
+                gv, m = _grad_tap(g0, g_c + g_d + (w // STRIDE).to(IDX) * sgw, h, sgh, HO, ok_rest,
+                                  KH // 2 - j, STRIDE, IDX)
+                gv = gv.to(ACC)
+                dx += tl.load(wh_ptr + j * C + c, mask=c_ok, other=0.0).to(ACC) * gv
+                tl.store(part + (KD + j) * C, _tap_sum(_masked_product(xv, gv, m, EXACT)), mask=part_ok)
+        for l in tl.static_range(KW):
+            if l != KW // 2:
+                ok_rest = ok & d_on & ((h % STRIDE) == 0)
+                gv, m = _grad_tap(g0, g_c + g_d + (h // STRIDE).to(IDX) * sgh, w, sgw, WO, ok_rest,
+                                  KW // 2 - l, STRIDE, IDX)
+                gv = gv.to(ACC)
+                dx += tl.load(ww_ptr + l * C + c, mask=c_ok, other=0.0).to(ACC) * gv
+                tl.store(part + (KD + KH + l) * C, _tap_sum(_masked_product(xv, gv, m, EXACT)), mask=part_ok)
+        return dx
+
+    @triton.jit
     def _decomposed_conv3d_bwd_kernel(
         x_ptr, g_ptr, wd_ptr, wh_ptr, ww_ptr, dx_ptr, part_ptr,
         C, D, H, W, DO, HO, WO,
@@ -412,7 +460,7 @@ if HAS_TRITON:
         n_db, n_hb, n_wb,
         KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr,
         ACC: tl.constexpr, IDX: tl.constexpr,
-        BLOCK_C: tl.constexpr, DT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+        BLOCK_C: tl.constexpr, DT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, EXACT_BLOCKS: tl.constexpr,
     ):
         # Blocks cover INPUT positions p. The output gradient reaches p through tap i of a branch
         # from output o with s*o = p + k//2 - i on that branch's axis and s*o = p on the others.
@@ -433,38 +481,23 @@ if HAS_TRITON:
             tl.program_id(1) * BLOCK_C
         part_ok = tl.arange(0, BLOCK_C) + tl.program_id(1) * BLOCK_C < C
         xv = tl.load(x0, mask=ok, other=0.0).to(ACC)
-        centre = ok & d_on & hw_on
-        gv = tl.load(g0, mask=centre, other=0.0).to(ACC)
-        dx = (tl.load(wd_ptr + (KD // 2) * C + c, mask=c_ok, other=0.0).to(ACC) * gv
-              + tl.load(wh_ptr + (KH // 2) * C + c, mask=c_ok, other=0.0).to(ACC) * gv
-              + tl.load(ww_ptr + (KW // 2) * C + c, mask=c_ok, other=0.0).to(ACC) * gv)
-        xg = _tap_sum(tl.where(centre, xv * gv, 0.0))
-        tl.store(part + (KD // 2) * C, xg, mask=part_ok)
-        tl.store(part + (KD + KH // 2) * C, xg, mask=part_ok)
-        tl.store(part + (KD + KH + KW // 2) * C, xg, mask=part_ok)
-        tl.store(part + (KD + KH + KW) * C, _tap_sum(gv), mask=part_ok)
-        for i in tl.static_range(KD):
-            if i != KD // 2:
-                gv, m = _grad_tap(g0, g_c + g_hw, d, sgd, DO, ok & hw_on, KD // 2 - i, STRIDE, IDX)
-                gv = gv.to(ACC)
-                dx += tl.load(wd_ptr + i * C + c, mask=c_ok, other=0.0).to(ACC) * gv
-                tl.store(part + i * C, _tap_sum(tl.where(m, xv * gv, 0.0)), mask=part_ok)
-        for j in tl.static_range(KH):
-            if j != KH // 2:
-                ok_rest = ok & d_on & ((w % STRIDE) == 0)
-                gv, m = _grad_tap(g0, g_c + g_d + (w // STRIDE).to(IDX) * sgw, h, sgh, HO, ok_rest,
-                                  KH // 2 - j, STRIDE, IDX)
-                gv = gv.to(ACC)
-                dx += tl.load(wh_ptr + j * C + c, mask=c_ok, other=0.0).to(ACC) * gv
-                tl.store(part + (KD + j) * C, _tap_sum(tl.where(m, xv * gv, 0.0)), mask=part_ok)
-        for l in tl.static_range(KW):
-            if l != KW // 2:
-                ok_rest = ok & d_on & ((h % STRIDE) == 0)
-                gv, m = _grad_tap(g0, g_c + g_d + (h // STRIDE).to(IDX) * sgh, w, sgw, WO, ok_rest,
-                                  KW // 2 - l, STRIDE, IDX)
-                gv = gv.to(ACC)
-                dx += tl.load(ww_ptr + l * C + c, mask=c_ok, other=0.0).to(ACC) * gv
-                tl.store(part + (KD + KH + l) * C, _tap_sum(tl.where(m, xv * gv, 0.0)), mask=part_ok)
+        # x * g must not enter a weight gradient where a tap reaches no output (g is loaded as 0
+        # there, and Inf * 0 is NaN where the reference has no term): blocks holding a non-finite x
+        # mask every product; the others (nearly all) skip those selects.
+        n_nonfinite = tl.sum(tl.sum(tl.sum(tl.where(tl.abs(xv) < float("inf"), 0, 1), axis=2), axis=1), axis=0)
+        # (The host always passes EXACT_BLOCKS=True; False compiles the common path alone, only for
+        # counting its instructions, bench/sass_conv.py.)
+        if EXACT_BLOCKS:
+            if n_nonfinite == 0:
+                dx = _bwd_taps(xv, g0, g_c, g_d, g_hw, wd_ptr, wh_ptr, ww_ptr, part, part_ok, c, c_ok, ok, d_on,
+                               hw_on, d, h, w, C, DO, HO, WO, sgd, sgh, sgw, KD, KH, KW, STRIDE, ACC, IDX, False)
+            else:
+                dx = _bwd_taps(xv, g0, g_c, g_d, g_hw, wd_ptr, wh_ptr, ww_ptr, part, part_ok, c, c_ok, ok, d_on,
+                               hw_on, d, h, w, C, DO, HO, WO, sgd, sgh, sgw, KD, KH, KW, STRIDE, ACC, IDX, True)
+        else:
+            dx = _bwd_taps(xv, g0, g_c, g_d, g_hw, wd_ptr, wh_ptr, ww_ptr, part, part_ok, c, c_ok, ok, d_on,
+                           hw_on, d, h, w, C, DO, HO, WO, sgd, sgh, sgw, KD, KH, KW, STRIDE, ACC, IDX, False)
+            ok = ok & (n_nonfinite == 0)  # counting only: keeps the test in the count
         dx0 = dx_ptr + n.to(IDX) * sdn + c.to(IDX) * sdc + d.to(IDX) * sdd + (h.to(IDX) * sdh + w.to(IDX) * sdw)
         tl.store(dx0, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
@@ -600,7 +633,7 @@ def _triton_backward(grad, x, weight_d, weight_h, weight_w, stride):
             *x.stride(), *grad.stride(), *dx.stride(),
             n_db, n_hb, n_wb,
             KD=kd, KH=kh, KW=kw, STRIDE=stride,
-            ACC=_acc_dtype(x.dtype), IDX=_index_dtype(x, grad, dx), **_block_kwargs(cfg),
+            ACC=_acc_dtype(x.dtype), IDX=_index_dtype(x, grad, dx), EXACT_BLOCKS=True, **_block_kwargs(cfg),
         )
     # A fixed-order reduction over programs: deterministic run to run.
     totals = partials.sum(dim=0).to(x.dtype)  # (kd + kh + kw + 1, C)
