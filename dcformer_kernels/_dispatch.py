@@ -7,6 +7,7 @@ import torch
 
 try:  # Triton is absent on some platforms (macOS, Windows); the PyTorch paths still work.
     import triton  # noqa: F401
+    import triton.language as tl
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only where Triton is missing
@@ -49,3 +50,18 @@ def max_offset(t: torch.Tensor) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 accumulation for half and float32 inputs, float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def acc_dtype(dtype: torch.dtype):
+    """The Triton accumulation dtype for inputs of ``dtype`` (see compute_dtype)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def index_dtype(*tensors: torch.Tensor):
+    """int64 offsets in the kernels where any tensor reaches past 2^31 elements, else int32."""
+    return tl.int64 if max(max_offset(t) for t in tensors) >= INT32_LIMIT else tl.int32

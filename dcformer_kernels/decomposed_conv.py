@@ -26,7 +26,10 @@ from dataclasses import dataclass
 import torch
 import torch.utils.flop_counter
 
-from ._dispatch import HAS_TRITON, INT32_LIMIT, max_offset, next_power_of_2, resolve_backend, triton_interpreting
+from ._dispatch import HAS_TRITON, next_power_of_2, resolve_backend, triton_interpreting
+from ._dispatch import acc_dtype as _acc_dtype
+from ._dispatch import compute_dtype as _compute_dtype
+from ._dispatch import index_dtype as _index_dtype
 from .reference import decomposed_conv3d_reference
 
 if HAS_TRITON:
@@ -133,6 +136,11 @@ def _tile_config(x: torch.Tensor, out_h: int, out_w: int, depth: int) -> _TileCo
 if HAS_TRITON:
 
     @triton.jit
+    def _at(ptr, n, c, d, h, w, sn, sc, sd, sh, sw, IDX: tl.constexpr):
+        """Pointers to ptr[n, c, d, h, w] for broadcastable index blocks, offsets in IDX."""
+        return ptr + n.to(IDX) * sn + c.to(IDX) * sc + d.to(IDX) * sd + (h.to(IDX) * sh + w.to(IDX) * sw)
+
+    @triton.jit
     def _split_pid(pid_s, n_db, n_hb, n_wb):
         """Spatial program id -> (n, block index along D, along H, along W)."""
         wb = pid_s % n_wb
@@ -167,8 +175,7 @@ if HAS_TRITON:
         ihp = oh * STRIDE
         iwp = ow * STRIDE
         # Pointers at the centre tap; every other tap is this block plus one scalar offset.
-        x0 = (x_ptr + n.to(IDX) * sxn + c.to(IDX) * sxc + idp.to(IDX) * sxd
-              + (ihp.to(IDX) * sxh + iwp.to(IDX) * sxw))
+        x0 = _at(x_ptr, n, c, idp, ihp, iwp, sxn, sxc, sxd, sxh, sxw, IDX)
         # The three centre taps read the same element: one load. Their products are added
         # separately (not one summed weight) so Inf/NaN propagate exactly as in the reference.
         xc = tl.load(x0, mask=ok, other=0.0).to(ACC)
@@ -192,8 +199,7 @@ if HAS_TRITON:
                 acc += tl.load(ww_ptr + l * C + c, mask=c_ok, other=0.0).to(ACC) * xv.to(ACC)
         if HAS_BIAS:
             acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)
-        y0 = (y_ptr + n.to(IDX) * syn + c.to(IDX) * syc + od.to(IDX) * syd
-              + (oh.to(IDX) * syh + ow.to(IDX) * syw))
+        y0 = _at(y_ptr, n, c, od, oh, ow, syn, syc, syd, syh, syw, IDX)
         tl.store(y0, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
@@ -309,7 +315,7 @@ if HAS_TRITON:
         da, ha, wo = d0 + r // T, h0 + r % T, w0 + t_m[None, None, :]
         ok = (c3 < C) & (da < D) & (ha < H) & (wo < W)
         finite = tl.abs(tl.sum(tl.sum(tl.sum(acc, axis=2), axis=1), axis=0)) < float("inf")
-        y0 = y_ptr + n.to(IDX) * syn + c3.to(IDX) * syc + da.to(IDX) * syd + ha.to(IDX) * syh + wo.to(IDX) * syw
+        y0 = _at(y_ptr, n, c3, da, ha, wo, syn, syc, syd, syh, syw, IDX)
         if RECOMPUTE:
             if finite:
                 tl.store(y0, acc.to(y_ptr.dtype.element_ty), mask=ok)
@@ -359,8 +365,8 @@ if HAS_TRITON:
         # The cube of g as rows (d, h) x columns w.
         r = tl.arange(0, T * T)[None, :, None]
         dr, hr, wr = d0 + r // T, h0 + r % T, w0 + t_m[None, None, :]
-        g_cube = tl.load(g_ptr + n.to(IDX) * sgn + c3.to(IDX) * sgc + dr.to(IDX) * sgd + hr.to(IDX) * sgh
-                         + wr.to(IDX) * sgw, mask=(c3 < C) & (dr < D) & (hr < H) & (wr < W), other=0.0)
+        g_cube = tl.load(_at(g_ptr, n, c3, dr, hr, wr, sgn, sgc, sgd, sgh, sgw, IDX),
+                         mask=(c3 < C) & (dr < D) & (hr < H) & (wr < W), other=0.0)
         tl.store(part + (KD + KH + KW) * C, tl.sum(tl.sum(g_cube.to(ACC), axis=2), axis=1), mask=ch < C)
         # W branch.
         a_w = _x_rows_w_halo(xn, c3, d0, h0, w0, C, D, H, W, sxc, sxd, sxh, sxw, T, KPW, W_HALO, KW, IDX)
@@ -476,7 +482,7 @@ if HAS_TRITON:
         g_d = (d // STRIDE).to(IDX) * sgd
         g_hw = (h // STRIDE).to(IDX) * sgh + (w // STRIDE).to(IDX) * sgw
         g0 = g_c + g_d + g_hw
-        x0 = x_ptr + n.to(IDX) * sxn + c.to(IDX) * sxc + d.to(IDX) * sxd + (h.to(IDX) * sxh + w.to(IDX) * sxw)
+        x0 = _at(x_ptr, n, c, d, h, w, sxn, sxc, sxd, sxh, sxw, IDX)
         part = part_ptr + pid_s.to(tl.int64) * ((KD + KH + KW + 1) * C) + tl.arange(0, BLOCK_C) + \
             tl.program_id(1) * BLOCK_C
         part_ok = tl.arange(0, BLOCK_C) + tl.program_id(1) * BLOCK_C < C
@@ -498,20 +504,8 @@ if HAS_TRITON:
             dx = _bwd_taps(xv, g0, g_c, g_d, g_hw, wd_ptr, wh_ptr, ww_ptr, part, part_ok, c, c_ok, ok, d_on,
                            hw_on, d, h, w, C, DO, HO, WO, sgd, sgh, sgw, KD, KH, KW, STRIDE, ACC, IDX, False)
             ok = ok & (n_nonfinite == 0)  # counting only: keeps the test in the count
-        dx0 = dx_ptr + n.to(IDX) * sdn + c.to(IDX) * sdc + d.to(IDX) * sdd + (h.to(IDX) * sdh + w.to(IDX) * sdw)
+        dx0 = _at(dx_ptr, n, c, d, h, w, sdn, sdc, sdd, sdh, sdw, IDX)
         tl.store(dx0, dx.to(dx_ptr.dtype.element_ty), mask=ok)
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _index_dtype(*tensors: torch.Tensor):
-    return tl.int64 if max(max_offset(t) for t in tensors) >= INT32_LIMIT else tl.int32
 
 
 def _grid(n: int, depth: int, rows: int, cols: int, channels: int, cfg: _TileConfig):

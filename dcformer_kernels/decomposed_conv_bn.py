@@ -40,7 +40,7 @@ from .decomposed_conv import (
 if HAS_TRITON:
     import triton
     import triton.language as tl
-    from .decomposed_conv import _block_coords
+    from .decomposed_conv import _at, _block_coords
 
 __all__ = ["decomposed_conv3d_batchnorm_train", "DecomposedConv3dBatchNormFunction"]
 
@@ -85,7 +85,7 @@ if HAS_TRITON:
         n, d, c, h, w = _block_coords(pid_s, tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, DT, RH, RW)
         c_ok = c < C
         ok = c_ok & (d < D) & ((h < H) & (w < W))
-        x0 = x_ptr + n.to(IDX) * sxn + c.to(IDX) * sxc + d.to(IDX) * sxd + (h.to(IDX) * sxh + w.to(IDX) * sxw)
+        x0 = _at(x_ptr, n, c, d, h, w, sxn, sxc, sxd, sxh, sxw, IDX)
         ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         base = part_ptr + pid_s.to(tl.int64) * (7 * C) + ch  # (P, 7, C)
         count = _block_sum(ok.to(ACC))
@@ -108,8 +108,8 @@ if HAS_TRITON:
         n, d, c, h, w = _block_coords(pid_s, tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, DT, RH, RW)
         c_ok = c < C
         ok = c_ok & (d < D) & ((h < H) & (w < W))
-        x0 = x_ptr + n.to(IDX) * sxn + c.to(IDX) * sxc + d.to(IDX) * sxd + (h.to(IDX) * sxh + w.to(IDX) * sxw)
-        g0 = g_ptr + n.to(IDX) * sgn + c.to(IDX) * sgc + d.to(IDX) * sgd + (h.to(IDX) * sgh + w.to(IDX) * sgw)
+        x0 = _at(x_ptr, n, c, d, h, w, sxn, sxc, sxd, sxh, sxw, IDX)
+        g0 = _at(g_ptr, n, c, d, h, w, sgn, sgc, sgd, sgh, sgw, IDX)
         gv = tl.load(g0, mask=ok, other=0.0).to(ACC)
         ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         base = part_ptr + pid_s.to(tl.int64) * (4 * C) + ch  # (P, 4, C)
@@ -173,8 +173,8 @@ if HAS_TRITON:
         n, d, c, h, w = _block_coords(pid_s, tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, DT, RH, RW)
         c_ok = c < C
         ok = c_ok & (d < D) & ((h < H) & (w < W))
-        x0 = x_ptr + n.to(IDX) * sxn + c.to(IDX) * sxc + d.to(IDX) * sxd + (h.to(IDX) * sxh + w.to(IDX) * sxw)
-        g0 = g_ptr + n.to(IDX) * sgn + c.to(IDX) * sgc + d.to(IDX) * sgd + (h.to(IDX) * sgh + w.to(IDX) * sgw)
+        x0 = _at(x_ptr, n, c, d, h, w, sxn, sxc, sxd, sxh, sxw, IDX)
+        g0 = _at(g_ptr, n, c, d, h, w, sgn, sgc, sgd, sgh, sgw, IDX)
         ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         part = part_ptr + pid_s.to(tl.int64) * ((KD + KH + KW) * C) + ch  # (P, KD+KH+KW, C)
         gv = tl.load(g0, mask=ok, other=0.0).to(ACC)
@@ -185,7 +185,7 @@ if HAS_TRITON:
                              part + KD * C, ch < C, 1, KH, ACC, IDX)
         dx = _bn_branch_grad(x0, g0, gv, ww_ptr, tw_ptr, coef_ptr, c, c_ok, w, W, sxw, sgw, ok, C, dx,
                              part + (KD + KH) * C, ch < C, 2, KW, ACC, IDX)
-        dx0 = dx_ptr + n.to(IDX) * sdn + c.to(IDX) * sdc + d.to(IDX) * sdd + (h.to(IDX) * sdh + w.to(IDX) * sdw)
+        dx0 = _at(dx_ptr, n, c, d, h, w, sdn, sdc, sdd, sdh, sdw, IDX)
         tl.store(dx0, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 

@@ -37,7 +37,10 @@ import torch.nn.functional as F
 import torch.utils.flop_counter
 from torch import nn
 
-from ._dispatch import HAS_TRITON, INT32_LIMIT, max_offset, next_power_of_2, resolve_backend, triton_interpreting
+from ._dispatch import HAS_TRITON, next_power_of_2, resolve_backend, triton_interpreting
+from ._dispatch import acc_dtype as _acc_dtype
+from ._dispatch import compute_dtype as _compute_dtype
+from ._dispatch import index_dtype as _index_dtype
 
 if HAS_TRITON:
     import triton
@@ -112,11 +115,6 @@ def check_siglip_args(x, y, logit_scale, logit_bias, group_ids=None) -> None:
             raise TypeError(f"group_ids must be int32 or int64; got {group_ids.dtype}")
         if group_ids.device != x.device:
             raise ValueError(f"group_ids is on {group_ids.device} but x is on {x.device}")
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 accumulation for half inputs, float64 for float64: the dtype of the loss."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -351,14 +349,6 @@ if HAS_TRITON:
         part = part_ptr + 2 * (pid_r * tl.num_programs(1) + pid_c)
         tl.store(part, tl.sum(tl.sum(dlogit * dots, axis=1), axis=0))
         tl.store(part + 1, tl.sum(tl.sum(dlogit, axis=1), axis=0))
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _index_dtype(*tensors: torch.Tensor):
-    return tl.int64 if max(max_offset(t) for t in tensors) >= INT32_LIMIT else tl.int32
 
 
 def _triton_block_forward(x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start, loss_scale):
