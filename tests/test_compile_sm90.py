@@ -12,11 +12,12 @@ import sys
 import pytest
 
 triton = pytest.importorskip("triton")
-PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+NVIDIA_BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(not PTXAS.exists(), reason="this Triton wheel ships no ptxas")
+@pytest.mark.skipif(not all((NVIDIA_BIN / tool).exists() for tool in ("ptxas", "nvdisasm")),
+                    reason="this Triton wheel ships no ptxas/nvdisasm")
 def test_every_kernel_compiles_for_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
     run = subprocess.run([sys.executable, "-m", "bench.compile_check"], cwd=ROOT, env=env,
