@@ -6,11 +6,12 @@ GPU: DCFormer's stage shapes at batch 2 and 8, bf16 and fp32; forward, backward 
   with torch.clone(x) as the bandwidth yardstick. GB/s counts the floor bytes (see conv_notes.md).
 CPU: the CPU path (backend="torch") against three nn.Conv3d + adds at small sizes.
 
-    python -m bench.bench_conv [--out bench/results] [--quick]
+    python -m bench.bench_conv [--out bench/results] [--quick] [--stages 1 3] [--dtypes bfloat16] [--budget-s S]
 """
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from dcformer_kernels import decomposed_conv3d, decomposed_conv3d_reference
 
+from . import common
 from .common import Row, environment, markdown_pivot, peak_memory_bytes, read_csv, time_fn, write_csv
 
 # (C, D, H, W, k): DCFormer stages at input 256x512x512 (D x H x W) after the stride-4 stem.
@@ -61,19 +63,36 @@ def _variants(c, k, dtype, device, gpu):
     return variants
 
 
-def run(out_dir: Path, quick: bool = False) -> Path:
+def run(out_dir: Path, quick: bool = False, stages=None, dtypes=None, batches=None, budget_s: float | None = None,
+        compile_only: bool = False) -> Path:
+    """Time every case (or, with ``compile_only``, call each once to fill Triton's and Inductor's
+    caches, writing nothing). ``stages`` are 1-based indices into the stage shapes; ``budget_s``
+    stops starting new cases after that many seconds (the rest are recorded as skipped)."""
+    with common.compile_only(compile_only):
+        return _run(out_dir, quick, stages, dtypes, batches, budget_s, compile_only)
+
+
+def _run(out_dir, quick, stages, dtypes, batches, budget_s, compile_only) -> Path:
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     env = environment()
     shapes = GPU_SHAPES if gpu else CPU_SHAPES
-    batches = (2,) if quick or not gpu else (2, 8)
-    dtypes = (torch.bfloat16, torch.float32) if gpu else (torch.float32,)
+    if stages:
+        shapes = [shapes[i - 1] for i in stages]
+    batches = batches or ((2,) if quick or not gpu else (2, 8))
+    dtypes = dtypes or ((torch.bfloat16, torch.float32) if gpu else (torch.float32,))
+    started = time.perf_counter()
+    over_budget = lambda: budget_s is not None and time.perf_counter() - started > budget_s  # noqa: E731
     rows: list[Row] = []
-    for c, d, h, w, k in shapes:
-        for batch in batches:
+    for batch in batches:  # batch outermost: under a budget every stage gets its batch-2 numbers first
+        for c, d, h, w, k in shapes:
             for dtype in dtypes:
                 name = f"{batch}x{c}x{d}x{h}x{w} k={k}"
                 dt = str(dtype).replace("torch.", "")
+                if over_budget():
+                    rows.append(Row("decomposed_conv3d", "(all)", name, dt, "", "skipped",
+                                    f"time budget ({budget_s:.0f} s) reached", "", env=env))
+                    continue
                 elt = torch.finfo(dtype).bits // 8
                 numel = batch * c * d * h * w
                 x0 = torch.randn(batch, c, d, h, w, device=device, dtype=dtype)
@@ -99,12 +118,12 @@ def run(out_dir: Path, quick: bool = False) -> Path:
                         for mode, (call, tensors) in modes.items():
                             t = time_fn(call, min_reps=7)
                             gbs = tensors * numel * elt / t.median_ms / 1e6
-                            common = dict(model="decomposed_conv3d", variant=variant, input=name, dtype=dt, env=env)
+                            labels = dict(model="decomposed_conv3d", variant=variant, input=name, dtype=dt, env=env)
                             rows.append(Row(backend=mode, metric="time", value=round(t.median_ms, 4), unit="ms",
-                                            p20=round(t.p20_ms, 4), p80=round(t.p80_ms, 4), **common))
-                            rows.append(Row(backend=mode, metric="GB/s", value=round(gbs, 1), unit="GB/s", **common))
+                                            p20=round(t.p20_ms, 4), p80=round(t.p80_ms, 4), **labels))
+                            rows.append(Row(backend=mode, metric="GB/s", value=round(gbs, 1), unit="GB/s", **labels))
                             rows.append(Row(backend=mode, metric="%copy", value=round(100 * gbs / copy_gbs, 1),
-                                            unit="%", **common))
+                                            unit="%", **labels))
                             if mode == "forward+backward":
                                 both[variant] = t.median_ms
                                 steps[variant] = call
@@ -115,13 +134,20 @@ def run(out_dir: Path, quick: bool = False) -> Path:
                     except torch.OutOfMemoryError:
                         rows.append(Row("decomposed_conv3d", variant, name, dt, "forward", "time", "OOM", "", env=env))
                         torch.cuda.empty_cache()
-                rows += _speedups(both, steps, name, dt, env)
-                _write_report(rows, out_dir, gpu)  # after every case: a cut-off run still leaves its numbers
-    if gpu:  # last: the training-mode BN kernels take the longest to compile
+                if not compile_only:  # after every case: a cut-off run still leaves its numbers
+                    rows += _speedups(both, steps, name, dt, env)
+                    _write_report(rows, out_dir, gpu)
+    if gpu and torch.bfloat16 in dtypes:  # last, bf16 only: the training-mode BN kernels compile the longest
         for c, d, h, w, k in shapes:
-            x0 = torch.randn(2, c, d, h, w, device=device, dtype=torch.bfloat16)
-            rows += _batchnorm_training(x0, k, f"2x{c}x{d}x{h}x{w} k={k}", "bfloat16", env)
-            _write_report(rows, out_dir, gpu)
+            name = f"2x{c}x{d}x{h}x{w} k={k}"
+            if over_budget():
+                rows.append(Row("decomposed_conv3d_bn", "(all)", name, "bfloat16", "", "skipped",
+                                f"time budget ({budget_s:.0f} s) reached", "", env=env))
+            else:
+                x0 = torch.randn(2, c, d, h, w, device=device, dtype=torch.bfloat16)
+                rows += _batchnorm_training(x0, k, name, "bfloat16", env)
+            if not compile_only:
+                _write_report(rows, out_dir, gpu)
     return out_dir / f"{'conv_gpu' if gpu else 'conv_cpu'}.csv"
 
 
@@ -205,9 +231,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--quick", action="store_true", help="batch 2 only")
+    parser.add_argument("--stages", type=int, nargs="+", choices=range(1, 5), metavar="{1,2,3,4}",
+                        help="DCFormer stages to run (default: all)")
+    parser.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float16", "float32"],
+                        help="default: bfloat16 float32 on GPU, float32 on CPU")
+    parser.add_argument("--batches", type=int, nargs="+", help="default: 2 8 on GPU (2 with --quick), 2 on CPU")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new case after this many seconds; the rest is recorded as skipped")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="call every variant once (fills Triton's and Inductor's on-disk caches), time and "
+                             "write nothing: lets a GPU session compile in parallel processes before timing")
     args = parser.parse_args(argv)
-    csv_path = run(args.out, args.quick)
-    print(csv_path.with_suffix(".md").read_text())
+    dtypes = [getattr(torch, name) for name in args.dtypes] if args.dtypes else None
+    csv_path = run(args.out, args.quick, args.stages, dtypes, args.batches, args.budget_s, args.compile_only)
+    if not args.compile_only:
+        print(csv_path.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":

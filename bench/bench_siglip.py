@@ -12,7 +12,7 @@ GPU (bf16 by default): B in {1k, 4k, 16k, 32k, 64k} x d in {256, 768, 1152}; thr
 CPU: the chunked PyTorch path (variant "fused", backend torch: its backward is the stripes
   algorithm) against the dense reference at small sizes, labelled CPU.
 
-    python -m bench.bench_siglip [--out bench/results] [--quick] [--budget-s 120]
+    python -m bench.bench_siglip [--out bench/results] [--quick] [--budget-s 120] [--batches ..] [--dims ..]
 
 Writes siglip.csv (long format, bench/common.py), then siglip.md made from the CSV.
 """
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from dcformer_kernels import siglip_loss
 
-from .common import Row, environment, markdown_pivot, peak_memory_bytes, read_csv, time_fn, write_csv
+from .common import Row, compile_only, environment, markdown_pivot, peak_memory_bytes, read_csv, time_fn, write_csv
 
 GPU_BATCHES = (1024, 4096, 16384, 32768, 65536)
 GPU_QUICK_BATCHES = (1024, 4096, 16384)
@@ -118,6 +118,11 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=120.0,
                         help="start no new size after this many seconds; the rest is recorded as skipped")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--batches", type=int, nargs="+", help="override the batch sizes")
+    parser.add_argument("--dims", type=int, nargs="+", help="override the embedding widths")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="call the fused variants once per size (fills Triton's on-disk cache), time and write "
+                             "nothing: lets a GPU session compile in parallel processes before timing")
     args = parser.parse_args(argv)
 
     if torch.cuda.is_available():
@@ -129,6 +134,15 @@ def main(argv=None) -> int:
         print("bench_siglip: the Triton kernels need CUDA; timing the chunked PyTorch path on CPU instead")
         device, dtype, batches, dims = "cpu", torch.float32, CPU_BATCHES, CPU_DIMS
         variants = CPU_VARIANTS
+    batches, dims = args.batches or batches, args.dims or dims
+    if args.compile_only:
+        with compile_only():
+            for batch in batches:
+                for dim in dims:
+                    for impl, fn in variants:
+                        if impl != "dense":
+                            bench_one(impl, fn, batch, dim, dtype, device, math.nan, {})
+        return 0
     env = environment()
     ceiling = matmul_tflops(device, dtype)
     rows = [Row("siglip", "matmul_8192" if device == "cuda" else "matmul_1024", "ceiling",

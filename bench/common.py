@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
+import math
 import os
 import platform
 import statistics
@@ -63,11 +64,30 @@ class Timing:
     p80_ms: float
 
 
+_COMPILE_ONLY = False
+
+
+@contextlib.contextmanager
+def compile_only(enabled: bool = True):
+    """Inside, ``time_fn`` calls ``fn`` once and returns NaN times and ``peak_memory_bytes`` calls it
+    once and returns None. A GPU session runs the benchmarks so in parallel processes first (every
+    Triton and Inductor kernel lands in the on-disk caches), then times them one at a time."""
+    global _COMPILE_ONLY
+    saved, _COMPILE_ONLY = _COMPILE_ONLY, enabled
+    try:
+        yield
+    finally:
+        _COMPILE_ONLY = saved
+
+
 def time_fn(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 3) -> Timing:
     """Median (p20, p80) wall time of ``fn`` in ms: CUDA events via do_bench on GPU, perf_counter on CPU.
 
     On CPU at least ``min_reps`` timed calls after one warm-up call (5 or more give real p20/p80).
     """
+    if _COMPILE_ONLY:
+        fn()
+        return Timing(math.nan, math.nan, math.nan)
     if torch.cuda.is_available():
         import triton.testing
 
@@ -89,6 +109,9 @@ def time_fn(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100
 
 def peak_memory_bytes(fn: Callable[[], object]) -> int | None:
     """Peak CUDA memory allocated while ``fn`` runs, above what was allocated before; None on CPU."""
+    if _COMPILE_ONLY:
+        fn()
+        return None
     if not torch.cuda.is_available():
         return None
     torch.cuda.synchronize()
@@ -139,7 +162,8 @@ def cpu_peak_allocated_bytes(fn: Callable[[], object]) -> int:
 def peak_memory(fn: Callable[[], object]) -> tuple[float, str]:
     """Peak memory of one call of ``fn`` in MiB, and the name of the measure (for the unit column)."""
     if torch.cuda.is_available():
-        return peak_memory_bytes(fn) / 2**20, CUDA_PEAK_MEASURE
+        peak = peak_memory_bytes(fn)  # None in compile-only mode
+        return (math.nan if peak is None else peak / 2**20), CUDA_PEAK_MEASURE
     return cpu_peak_allocated_bytes(fn) / 2**20, CPU_PEAK_MEASURE
 
 

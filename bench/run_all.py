@@ -32,12 +32,16 @@ def main(argv=None) -> None:
                              "bench/models/specs.py)")
     parser.add_argument("--skip-conv", action="store_true", help="CPU: skip the decomposed-conv kernel benchmark")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="call everything once instead of timing it (fills the kernel caches; the report's "
+                             "times are NaN): lets a GPU session compile in parallel processes before timing")
     args = parser.parse_args(argv)
     budget_s = args.budget_s if args.budget_s is not None else DEFAULT_BUDGET_S["gpu" if args.gpu else "cpu"]
 
     import torch
 
     from . import models
+    from .common import compile_only
 
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu needs a CUDA device; torch.cuda.is_available() is False")
@@ -45,10 +49,11 @@ def main(argv=None) -> None:
         from . import bench_conv
 
         print("== decomposed conv kernel benchmark (CPU)", flush=True)
-        bench_conv.run(args.out, quick=True)
+        bench_conv.run(args.out, quick=True, compile_only=args.compile_only)
     print("== model suite", flush=True)
-    csv_path = models.run(args.out, gpu=args.gpu, budget_s=budget_s, models=args.models, started=started,
-                          progress=not args.no_progress)
+    with compile_only(args.compile_only):
+        csv_path = models.run(args.out, gpu=args.gpu, budget_s=budget_s, models=args.models, started=started,
+                              progress=not args.no_progress)
     stems = [csv_path.stem] + ([] if args.gpu or args.skip_conv else ["conv_cpu"])
     written = sorted(p.name for stem in stems for p in args.out.glob(f"{stem}*"))
     print(f"wrote {', '.join(written)} under {args.out} in {time.perf_counter() - started:.0f} s")
