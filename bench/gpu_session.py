@@ -39,34 +39,47 @@ class Job:
     argv: list[str]
 
 
-def _compile_jobs(work: Path) -> list[Job]:
+BENCHMARKS = ("conv", "siglip", "models")
+
+
+def _compile_jobs(work: Path, benchmarks, models) -> list[Job]:
     scratch = str(work / "compile_only")
-    # The files holding GPU-marked tests (the others may import packages a GPU image lacks).
-    tests = [PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-o", "timeout=0",
-             "tests/test_decomposed_conv.py", "tests/test_decomposed_conv_bn.py", "tests/test_siglip.py"]
+    # The files holding GPU-marked tests (the others may import packages a GPU image lacks). -v
+    # names each result as it comes, so a run cut short still says which test failed.
+    tests = [PY, "-m", "pytest", "-v", "-rfE", "--tb=short", "--durations=8", "-m", "gpu", "-p", "no:cacheprovider",
+             "-o", "timeout=0", "tests/test_decomposed_conv.py", "tests/test_decomposed_conv_bn.py",
+             "tests/test_siglip.py"]
     if importlib.util.find_spec("xdist") is not None:
-        tests[3:3] = ["-n", "4"]
+        tests[3:3] = ["-n", "6"]
     jobs = [Job("tests", tests)]
-    for stage in (1, 2, 3, 4):
-        for dtype in ("bfloat16", "float32"):
-            jobs.append(Job(f"compile conv stage {stage} {dtype}",
-                            [PY, "-m", "bench.bench_conv", "--compile-only", "--stages", str(stage), "--batches", "2",
-                             "--dtypes", dtype, "--out", scratch]))
-    for dim in (256, 768, 1152):
-        jobs.append(Job(f"compile siglip d={dim}",
-                        [PY, "-m", "bench.bench_siglip", "--compile-only", "--batches", "1024", "--dims", str(dim)]))
-    jobs.append(Job("compile models", [PY, "-m", "bench.run_all", "--gpu", "--compile-only", "--models",
-                                       "dcformer_small", "--no-progress", "--out", scratch]))
+    if "conv" in benchmarks:
+        for stage in (1, 2, 3, 4):
+            for dtype in ("bfloat16", "float32"):
+                jobs.append(Job(f"compile conv stage {stage} {dtype}",
+                                [PY, "-m", "bench.bench_conv", "--compile-only", "--stages", str(stage), "--batches",
+                                 "2", "--dtypes", dtype, "--out", scratch]))
+    if "siglip" in benchmarks:
+        for dim in (256, 768, 1152):
+            jobs.append(Job(f"compile siglip d={dim}", [PY, "-m", "bench.bench_siglip", "--compile-only", "--batches",
+                                                        "1024", "--dims", str(dim)]))
+    if "models" in benchmarks:
+        jobs.append(Job("compile models", [PY, "-m", "bench.run_all", "--gpu", "--compile-only", "--models",
+                                           *(models or ["dcformer_small"]), "--no-progress", "--out", scratch]))
     return jobs
 
 
-def _timed_jobs(work: Path) -> list[tuple[Job, float]]:
+def _timed_jobs(work: Path, benchmarks, models) -> list[tuple[Job, float]]:
     """(job, share of the time left when it starts); each job's own --budget-s is set at launch."""
-    return [
-        (Job("bench conv", [PY, "-m", "bench.bench_conv", "--out", str(work)]), 0.4),
-        (Job("bench siglip", [PY, "-m", "bench.bench_siglip", "--out", str(work)]), 0.5),
-        (Job("bench models", [PY, "-m", "bench.run_all", "--gpu", "--no-progress", "--out", str(work)]), 1.0),
-    ]
+    jobs = {
+        "conv": (Job("bench conv", [PY, "-m", "bench.bench_conv", "--out", str(work)]), 0.6),
+        "siglip": (Job("bench siglip", [PY, "-m", "bench.bench_siglip", "--out", str(work)]), 0.5),
+        "models": (Job("bench models", [PY, "-m", "bench.run_all", "--gpu", "--no-progress", "--out", str(work)]
+                       + (["--models", *models] if models else [])), 1.0),
+    }
+    timed = [jobs[name] for name in BENCHMARKS if name in benchmarks]
+    if timed:  # the last one gets all that is left
+        timed[-1] = (timed[-1][0], 1.0)
+    return timed
 
 
 def _start(job: Job, work: Path) -> subprocess.Popen:
@@ -76,22 +89,28 @@ def _start(job: Job, work: Path) -> subprocess.Popen:
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 15) -> None:
-    """SIGTERM the job's process group (the benchmarks write their report on it), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    """SIGTERM the job's process group (the benchmarks write their report on it), then SIGKILL the
+    group: workers it spawned (pytest-xdist, compile pools) must not keep the GPU busy afterwards."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        if sig == signal.SIGTERM:
+            time.sleep(1)  # leave the group a moment to exit before the SIGKILL
 
 
 def _wait_all(procs: dict[str, subprocess.Popen], deadline: float) -> dict[str, str]:
     status = {}
+    finished = []
     while procs and time.monotonic() < deadline:
         for name, proc in list(procs.items()):
             if proc.poll() is not None:
+                finished.append(proc)
                 status[name] = f"exit {proc.returncode}"
                 print(f"  {name}: {status[name]} at {time.monotonic() - START:.0f} s", flush=True)
                 del procs[name]
@@ -100,6 +119,8 @@ def _wait_all(procs: dict[str, subprocess.Popen], deadline: float) -> dict[str, 
         _stop(proc)
         status[name] = f"stopped at the deadline (exit {proc.returncode})"
         print(f"  {name}: {status[name]}", flush=True)
+    for proc in finished:  # a job's leader has exited; anything it left in its group goes too
+        _stop(proc, grace_s=0)
     return status
 
 
@@ -117,8 +138,9 @@ def summary(work: Path, status: dict[str, str]) -> str:
     lines += [env, "", "| job | outcome |", "|---|---|"] + [f"| {k} | {v} |" for k, v in status.items()]
     tests_log = work / "tests.log"
     if tests_log.exists():
-        tail = [ln for ln in tests_log.read_text().splitlines() if ln.strip()][-1:]
-        lines += ["", f"tests: {tail[0] if tail else '(no output)'}"]
+        log = [ln for ln in tests_log.read_text().splitlines() if ln.strip()]
+        failed = [ln for ln in log if ln.startswith(("FAILED", "ERROR")) or " FAILED " in ln or " ERROR " in ln]
+        lines += ["", f"tests: {log[-1] if log else '(no output)'}"] + [f"    {ln[:300]}" for ln in failed[:20]]
     conv = _rows(work / "conv_gpu.csv")
     if conv:
         lines += ["", "| conv input | dtype | fwd % copy (ncdhw / cl) | fwd+bwd ms fused (best) | best 3x Conv3d | "
@@ -179,6 +201,9 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=480.0, help="the whole session, compiles included")
     parser.add_argument("--compile-share", type=float, default=0.35,
                         help="share of the budget for the parallel compile phase")
+    parser.add_argument("--benchmarks", nargs="*", choices=BENCHMARKS, default=list(BENCHMARKS),
+                        help="which benchmarks to compile and time after the tests (default: all)")
+    parser.add_argument("--models", nargs="+", help="the model suite's --models (default: its whole suite)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ.update(TRITON_INTERPRET="0", PYTHONUNBUFFERED="1",
@@ -197,11 +222,11 @@ def main(argv=None) -> int:
 
     status: dict[str, str] = {}
     print(f"== compile phase (parallel), until {args.compile_share * args.budget_s:.0f} s", flush=True)
-    procs = {job.name: _start(job, args.work) for job in _compile_jobs(args.work)}
+    procs = {job.name: _start(job, args.work) for job in _compile_jobs(args.work, args.benchmarks, args.models)}
     status.update(_wait_all(procs, START + args.compile_share * args.budget_s))
 
     print("== timed phase (one at a time)", flush=True)
-    for job, share in _timed_jobs(args.work):
+    for job, share in _timed_jobs(args.work, args.benchmarks, args.models):
         left = deadline - time.monotonic()
         if left < 20:
             status[job.name] = "not started: budget spent"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 try:  # Triton is absent on some platforms (macOS, Windows); the PyTorch paths still work.
     import triton  # noqa: F401
@@ -43,6 +44,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def launch_directly(x: torch.Tensor) -> bool:
+    """True where an op's autograd.Function may launch its kernels itself rather than through the
+    registered ``torch.library`` op: plain eager calls on plain tensors. The op's dispatcher costs
+    more host time than a small volume's kernels (20-120 us a call on a CPU, bench/conv_notes.md);
+    torch.compile, torch.jit.trace (fvcore), FlopCounterMode, FakeTensorMode and any other dispatch
+    mode still get the op."""
+    return (type(x) in (torch.Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and _get_current_dispatch_mode() is None)
+
+
 def max_offset(t: torch.Tensor) -> int:
     """One past the largest element offset a strided view can touch."""
     return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
@@ -50,6 +61,11 @@ def max_offset(t: torch.Tensor) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host ints (triton.cdiv is a jit function: ~2 us a call on the host)."""
+    return -(-a // b)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,6 +78,11 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _reaches_2_31(t: torch.Tensor) -> bool:
+    dense = t.is_contiguous() or (t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))
+    return t.numel() >= INT32_LIMIT if dense else max_offset(t) >= INT32_LIMIT
+
+
 def index_dtype(*tensors: torch.Tensor):
     """int64 offsets in the kernels where any tensor reaches past 2^31 elements, else int32."""
-    return tl.int64 if max(max_offset(t) for t in tensors) >= INT32_LIMIT else tl.int32
+    return tl.int64 if any(_reaches_2_31(t) for t in tensors) else tl.int32

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.utils.flop_counter
 
-from ._dispatch import HAS_TRITON, next_power_of_2, resolve_backend, triton_interpreting
+from ._dispatch import HAS_TRITON, cdiv, launch_directly, next_power_of_2, resolve_backend, triton_interpreting
 from ._dispatch import acc_dtype as _acc_dtype
 from ._dispatch import compute_dtype as _compute_dtype
 from ._dispatch import index_dtype as _index_dtype
@@ -141,6 +141,11 @@ if HAS_TRITON:
         return ptr + n.to(IDX) * sn + c.to(IDX) * sc + d.to(IDX) * sd + (h.to(IDX) * sh + w.to(IDX) * sw)
 
     @triton.jit
+    def _tap_weight(w_ptr, c, c_ok, tap, K: tl.constexpr, ACC: tl.constexpr):
+        """Weight ``tap`` of channels c from a row-major (C, K) weight, as ACC."""
+        return tl.load(w_ptr + c * K + tap, mask=c_ok, other=0.0).to(ACC)
+
+    @triton.jit
     def _split_pid(pid_s, n_db, n_hb, n_wb):
         """Spatial program id -> (n, block index along D, along H, along W)."""
         wb = pid_s % n_wb
@@ -179,24 +184,24 @@ if HAS_TRITON:
         # The three centre taps read the same element: one load. Their products are added
         # separately (not one summed weight) so Inf/NaN propagate exactly as in the reference.
         xc = tl.load(x0, mask=ok, other=0.0).to(ACC)
-        acc = (tl.load(wd_ptr + (KD // 2) * C + c, mask=c_ok, other=0.0).to(ACC) * xc
-               + tl.load(wh_ptr + (KH // 2) * C + c, mask=c_ok, other=0.0).to(ACC) * xc
-               + tl.load(ww_ptr + (KW // 2) * C + c, mask=c_ok, other=0.0).to(ACC) * xc)
+        acc = (_tap_weight(wd_ptr, c, c_ok, KD // 2, KD, ACC) * xc
+               + _tap_weight(wh_ptr, c, c_ok, KH // 2, KH, ACC) * xc
+               + _tap_weight(ww_ptr, c, c_ok, KW // 2, KW, ACC) * xc)
         for i in tl.static_range(KD):
             if i != KD // 2:
                 pos = idp + (i - KD // 2)
                 xv = tl.load(x0 + tl.cast(i - KD // 2, IDX) * sxd, mask=ok & ((pos >= 0) & (pos < D)), other=0.0)
-                acc += tl.load(wd_ptr + i * C + c, mask=c_ok, other=0.0).to(ACC) * xv.to(ACC)
+                acc += _tap_weight(wd_ptr, c, c_ok, i, KD, ACC) * xv.to(ACC)
         for j in tl.static_range(KH):
             if j != KH // 2:
                 pos = ihp + (j - KH // 2)
                 xv = tl.load(x0 + tl.cast(j - KH // 2, IDX) * sxh, mask=ok & ((pos >= 0) & (pos < H)), other=0.0)
-                acc += tl.load(wh_ptr + j * C + c, mask=c_ok, other=0.0).to(ACC) * xv.to(ACC)
+                acc += _tap_weight(wh_ptr, c, c_ok, j, KH, ACC) * xv.to(ACC)
         for l in tl.static_range(KW):
             if l != KW // 2:
                 pos = iwp + (l - KW // 2)
                 xv = tl.load(x0 + tl.cast(l - KW // 2, IDX) * sxw, mask=ok & ((pos >= 0) & (pos < W)), other=0.0)
-                acc += tl.load(ww_ptr + l * C + c, mask=c_ok, other=0.0).to(ACC) * xv.to(ACC)
+                acc += _tap_weight(ww_ptr, c, c_ok, l, KW, ACC) * xv.to(ACC)
         if HAS_BIAS:
             acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)
         y0 = _at(y_ptr, n, c, od, oh, ow, syn, syc, syd, syh, syw, IDX)
@@ -213,7 +218,6 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
         BLOCK_C: tl.constexpr, DT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     ):
-        # Weights arrive transposed, (k, C): one tap's weights are contiguous over channels.
         n, od, c, oh, ow = _block_coords(tl.program_id(0), tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, DT, RH, RW)
         _direct_forward(x_ptr, wd_ptr, wh_ptr, ww_ptr, b_ptr, y_ptr, n, od, c, oh, ow,
                         C, D, H, W, DO, HO, WO, sxn, sxc, sxd, sxh, sxw, syn, syc, syd, syh, syw,
@@ -255,7 +259,7 @@ if HAS_TRITON:
     @triton.jit
     def _band(w_ptr, c, tap, C, K: tl.constexpr):
         """Banded (Toeplitz) matrix of one branch: entry w[c, tap] where 0 <= tap < K, else 0."""
-        return tl.load(w_ptr + tap * C + c, mask=(c < C) & (tap >= 0) & (tap < K), other=0.0)
+        return tl.load(w_ptr + c * K + tap, mask=(c < C) & (tap >= 0) & (tap < K), other=0.0)
 
     @triton.jit
     def _decomposed_conv3d_tc_fwd_kernel(
@@ -424,9 +428,9 @@ if HAS_TRITON:
         """dx of the block (returned) and the per-tap partials of sum x * g (stored)."""
         centre = ok & d_on & hw_on
         gv = tl.load(g0, mask=centre, other=0.0).to(ACC)
-        dx = (tl.load(wd_ptr + (KD // 2) * C + c, mask=c_ok, other=0.0).to(ACC) * gv
-              + tl.load(wh_ptr + (KH // 2) * C + c, mask=c_ok, other=0.0).to(ACC) * gv
-              + tl.load(ww_ptr + (KW // 2) * C + c, mask=c_ok, other=0.0).to(ACC) * gv)
+        dx = (_tap_weight(wd_ptr, c, c_ok, KD // 2, KD, ACC) * gv
+              + _tap_weight(wh_ptr, c, c_ok, KH // 2, KH, ACC) * gv
+              + _tap_weight(ww_ptr, c, c_ok, KW // 2, KW, ACC) * gv)
         xg = _tap_sum(_masked_product(xv, gv, centre, EXACT))
         tl.store(part + (KD // 2) * C, xg, mask=part_ok)
         tl.store(part + (KD + KH // 2) * C, xg, mask=part_ok)
@@ -436,7 +440,7 @@ if HAS_TRITON:
             if i != KD // 2:
                 gv, m = _grad_tap(g0, g_c + g_hw, d, sgd, DO, ok & hw_on, KD // 2 - i, STRIDE, IDX)
                 gv = gv.to(ACC)
-                dx += tl.load(wd_ptr + i * C + c, mask=c_ok, other=0.0).to(ACC) * gv
+                dx += _tap_weight(wd_ptr, c, c_ok, i, KD, ACC) * gv
                 tl.store(part + i * C, _tap_sum(_masked_product(xv, gv, m, EXACT)), mask=part_ok)
         for j in tl.static_range(KH):
             if j != KH // 2:
@@ -444,7 +448,7 @@ if HAS_TRITON:
                 gv, m = _grad_tap(g0, g_c + g_d + (w // STRIDE).to(IDX) * sgw, h, sgh, HO, ok_rest,
                                   KH // 2 - j, STRIDE, IDX)
                 gv = gv.to(ACC)
-                dx += tl.load(wh_ptr + j * C + c, mask=c_ok, other=0.0).to(ACC) * gv
+                dx += _tap_weight(wh_ptr, c, c_ok, j, KH, ACC) * gv
                 tl.store(part + (KD + j) * C, _tap_sum(_masked_product(xv, gv, m, EXACT)), mask=part_ok)
         for l in tl.static_range(KW):
             if l != KW // 2:
@@ -452,7 +456,7 @@ if HAS_TRITON:
                 gv, m = _grad_tap(g0, g_c + g_d + (h // STRIDE).to(IDX) * sgh, w, sgw, WO, ok_rest,
                                   KW // 2 - l, STRIDE, IDX)
                 gv = gv.to(ACC)
-                dx += tl.load(ww_ptr + l * C + c, mask=c_ok, other=0.0).to(ACC) * gv
+                dx += _tap_weight(ww_ptr, c, c_ok, l, KW, ACC) * gv
                 tl.store(part + (KD + KH + l) * C, _tap_sum(_masked_product(xv, gv, m, EXACT)), mask=part_ok)
         return dx
 
@@ -509,19 +513,19 @@ if HAS_TRITON:
 
 
 def _grid(n: int, depth: int, rows: int, cols: int, channels: int, cfg: _TileConfig):
-    n_db = triton.cdiv(depth, cfg.d_tile)
-    n_hb = triton.cdiv(rows, cfg.rows_h)
-    n_wb = triton.cdiv(cols, cfg.cols_w)
-    return (n * n_db * n_hb * n_wb, triton.cdiv(channels, cfg.block_c)), (n_db, n_hb, n_wb)
+    n_db = cdiv(depth, cfg.d_tile)
+    n_hb = cdiv(rows, cfg.rows_h)
+    n_wb = cdiv(cols, cfg.cols_w)
+    return (n * n_db * n_hb * n_wb, cdiv(channels, cfg.block_c)), (n_db, n_hb, n_wb)
 
 
 def _block_kwargs(cfg: _TileConfig) -> dict:
     return dict(BLOCK_C=cfg.block_c, DT=cfg.d_tile, RH=cfg.rows_h, RW=cfg.cols_w, num_warps=cfg.num_warps)
 
 
-def _transposed(*weights: torch.Tensor) -> list[torch.Tensor]:
-    """(C, k) -> (k, C) contiguous: the kernels read one tap's weights across channels."""
-    return [w.t().contiguous() for w in weights]
+def _row_major(*weights: torch.Tensor) -> list[torch.Tensor]:
+    """The (C, k) weights as the kernels index them, c * k + tap (a no-op for parameters)."""
+    return [w.contiguous() for w in weights]
 
 
 # Forward and backward on the tensor cores (banded matrix products, _decomposed_conv3d_tc_*):
@@ -550,8 +554,8 @@ def _tc_launch(x, kd, kh, kw):
     block_c = 2
     # NCDHW: start the W halo a multiple of 8 columns early, so rows are 16-byte aligned loads.
     w_halo = kw // 2 if _memory_format(x) == torch.channels_last_3d else -(-(kw // 2) // 8) * 8
-    n_db, n_hb, n_wb = (triton.cdiv(size, TC_CUBE) for size in (d, h, w))
-    grid = (n * n_db * n_hb * n_wb, triton.cdiv(c, block_c))
+    n_db, n_hb, n_wb = (cdiv(size, TC_CUBE) for size in (d, h, w))
+    grid = (n * n_db * n_hb * n_wb, cdiv(c, block_c))
     meta = dict(KD=kd, KH=kh, KW=kw, ACC=_acc_dtype(x.dtype),
                 PREC="ieee" if x.dtype in (torch.float32, torch.float64) else "tf32", BLOCK_C=block_c, T=TC_CUBE,
                 KPD=next_power_of_2(TC_CUBE + kd - 1), KPH=next_power_of_2(TC_CUBE + kh - 1),
@@ -561,7 +565,7 @@ def _tc_launch(x, kd, kh, kw):
 
 def _triton_tc_forward(x, weights, bias, y):
     n, c, d, h, w = x.shape
-    grid, blocks, meta = _tc_launch(x, *(t.shape[0] for t in weights))
+    grid, blocks, meta = _tc_launch(x, *(t.shape[1] for t in weights))
     _decomposed_conv3d_tc_fwd_kernel[grid](
         x, *weights, bias.contiguous() if bias is not None else x, y,
         c, d, h, w, *x.stride(), *y.stride(), *blocks,
@@ -574,9 +578,9 @@ def _triton_tc_backward(grad, x, weights, dx):
     """dx = the forward of grad with the kernels reversed (the transposed stencil of a stride-1
     zero-padded conv); weight and bias gradients from the tensor-core dweight kernel."""
     n, c, d, h, w = x.shape
-    _triton_tc_forward(grad, [t.flip(0).contiguous() for t in weights], None, dx)
-    grid, blocks, meta = _tc_launch(x, *(t.shape[0] for t in weights))
-    partials = torch.empty((grid[0], sum(t.shape[0] for t in weights) + 1, c), dtype=_compute_dtype(x.dtype),
+    _triton_tc_forward(grad, [t.flip(1).contiguous() for t in weights], None, dx)
+    grid, blocks, meta = _tc_launch(x, *(t.shape[1] for t in weights))
+    partials = torch.empty((grid[0], sum(t.shape[1] for t in weights) + 1, c), dtype=_compute_dtype(x.dtype),
                            device=x.device)
     _decomposed_conv3d_tc_dweight_kernel[grid](
         x, grad, partials, c, d, h, w, *x.stride(), *grad.stride(), *blocks, IDX=_index_dtype(x, grad), **meta)
@@ -590,13 +594,13 @@ def _triton_forward(x, weight_d, weight_h, weight_w, bias, stride):
     if y.numel() == 0:
         return y
     if _use_tensor_cores(x, stride):
-        return _triton_tc_forward(x, _transposed(weight_d, weight_h, weight_w), bias, y)
+        return _triton_tc_forward(x, _row_major(weight_d, weight_h, weight_w), bias, y)
     n, c, d, h, w = x.shape
     _, _, do, ho, wo = shape
     cfg = _tile_config(x, ho, wo, do)
     grid, (n_db, n_hb, n_wb) = _grid(n, do, ho, wo, c, cfg)
     _decomposed_conv3d_fwd_kernel[grid](
-        x, *_transposed(weight_d, weight_h, weight_w), bias.contiguous() if bias is not None else x, y,
+        x, *_row_major(weight_d, weight_h, weight_w), bias.contiguous() if bias is not None else x, y,
         c, d, h, w, do, ho, wo,
         *x.stride(), *y.stride(),
         n_db, n_hb, n_wb,
@@ -615,14 +619,14 @@ def _triton_backward(grad, x, weight_d, weight_h, weight_w, stride):
         zeros = [torch.zeros_like(t) for t in (weight_d, weight_h, weight_w)]
         return dx.zero_(), *zeros, torch.zeros(c, dtype=x.dtype, device=x.device)
     if _use_tensor_cores(x, stride):
-        partials = _triton_tc_backward(grad, x, _transposed(weight_d, weight_h, weight_w), dx)
+        partials = _triton_tc_backward(grad, x, _row_major(weight_d, weight_h, weight_w), dx)
     else:
         _, _, do, ho, wo = grad.shape
         cfg = _tile_config(x, h, w, d)
         grid, (n_db, n_hb, n_wb) = _grid(n, d, h, w, c, cfg)
         partials = torch.empty((grid[0], kd + kh + kw + 1, c), dtype=acc_dtype, device=x.device)
         _decomposed_conv3d_bwd_kernel[grid](
-            x, grad, *_transposed(weight_d, weight_h, weight_w), dx, partials,
+            x, grad, *_row_major(weight_d, weight_h, weight_w), dx, partials,
             c, d, h, w, do, ho, wo,
             *x.stride(), *grad.stride(), *dx.stride(),
             n_db, n_hb, n_wb,
@@ -714,20 +718,30 @@ def fvcore_op_handles() -> dict:
 # Autograd and the functional form
 # ----------------------------------------------------------------------------------------
 class DecomposedConv3dFunction(torch.autograd.Function):
-    """Autograd over the registered Triton ops; saves x and the three weight vectors only."""
+    """Autograd over the Triton kernels; saves x and the three weight vectors only.
+
+    Plain eager calls launch the kernels directly; under torch.compile or a dispatch mode
+    (FlopCounterMode, FakeTensorMode, ...) they go through the registered ops (``launch_directly``).
+    """
 
     @staticmethod
     def forward(ctx, x, weight_d, weight_h, weight_w, bias, stride):
+        check_decomposed_conv3d_args(x, weight_d, weight_h, weight_w, bias, stride)  # also public
         ctx.save_for_backward(x, weight_d, weight_h, weight_w)
         ctx.stride = stride
         ctx.has_bias = bias is not None
+        if launch_directly(x):
+            return _triton_forward(x, weight_d, weight_h, weight_w, bias, stride)
         return torch.ops.dcformer_kernels.decomposed_conv3d(x, weight_d, weight_h, weight_w, bias, stride)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight_d, weight_h, weight_w = ctx.saved_tensors
-        dx, dwd, dwh, dww, db = torch.ops.dcformer_kernels.decomposed_conv3d_backward(
-            grad, x, weight_d, weight_h, weight_w, ctx.stride)
+        if launch_directly(x):
+            dx, dwd, dwh, dww, db = _triton_backward(grad, x, weight_d, weight_h, weight_w, ctx.stride)
+        else:
+            dx, dwd, dwh, dww, db = torch.ops.dcformer_kernels.decomposed_conv3d_backward(
+                grad, x, weight_d, weight_h, weight_w, ctx.stride)
         return dx, dwd, dwh, dww, (db if ctx.has_bias else None), None
 
 

@@ -25,22 +25,24 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import HAS_TRITON
+from ._dispatch import HAS_TRITON, launch_directly
 from .decomposed_conv import (
     _acc_dtype,
     _block_kwargs,
     _grid,
     _index_dtype,
     _memory_format,
+    _row_major,
     _tile_config,
-    _transposed,
+    _triton_forward,
     check_decomposed_conv3d_args,
 )
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
-    from .decomposed_conv import _at, _block_coords
+
+    from .decomposed_conv import _at, _block_coords, _tap_weight
 
 __all__ = ["decomposed_conv3d_batchnorm_train", "DecomposedConv3dBatchNormFunction"]
 
@@ -58,7 +60,7 @@ if HAS_TRITON:
         for i in tl.static_range(K):
             q = pos + (SHIFT + i - K // 2)
             xv = tl.load(x0 + tl.cast(SHIFT + i - K // 2, IDX) * s_axis, mask=ok & ((q >= 0) & (q < n_pos)), other=0.0)
-            z += tl.load(w_ptr + i * C + c, mask=c_ok, other=0.0).to(ACC) * xv.to(ACC)
+            z += _tap_weight(w_ptr, c, c_ok, i, K, ACC) * xv.to(ACC)
         return z
 
     @triton.jit
@@ -146,12 +148,12 @@ if HAS_TRITON:
             xv = xv.to(ACC)
             ktz += tl.load(tab + t * n_pos, mask=tab_ok, other=0.0) * xv
             if t >= K // 2 and t < K // 2 + K:  # |δ| <= K//2: a tap of z(p) itself
-                z += tl.load(w_ptr + (t - K // 2) * C + c, mask=c_ok, other=0.0).to(ACC) * xv
+                z += _tap_weight(w_ptr, c, c_ok, t - K // 2, K, ACC) * xv
         ktg = tl.zeros(ok.shape, dtype=ACC)  # (Kᵀ g)(p)
         for i in tl.static_range(K):
             o = pos + (K // 2 - i)
             gi = tl.load(g0 + tl.cast(K // 2 - i, IDX) * sg_axis, mask=ok & ((o >= 0) & (o < n_pos)), other=0.0)
-            ktg += tl.load(w_ptr + i * C + c, mask=c_ok, other=0.0).to(ACC) * gi.to(ACC)
+            ktg += _tap_weight(w_ptr, c, c_ok, i, K, ACC) * gi.to(ACC)
         kt1 = tl.load(tab + (2 * K - 1) * n_pos, mask=tab_ok, other=0.0)
         dx += a * ktg - e * ktz + cc * kt1
         dz = tl.where(ok, a * gv - e * z + cc, 0.0)
@@ -235,8 +237,8 @@ def _merge_stats(partials: torch.Tensor):
 
 
 def _triton_bn_stats(x, weight_d, weight_h, weight_w):
-    weights = _transposed(weight_d, weight_h, weight_w)
-    kd, kh, kw = (t.shape[0] for t in weights)
+    weights = _row_major(weight_d, weight_h, weight_w)
+    kd, kh, kw = (t.shape[1] for t in weights)
     partials = _launch(_bn_stats_kernel, x, (x, *weights), x.stride(), _N_STATS, dict(KD=kd, KH=kh, KW=kw))
     mean, var, _ = _merge_stats(partials)
     return mean, var
@@ -256,8 +258,8 @@ def _(x, weight_d, weight_h, weight_w):
 
 
 def _triton_bn_backward(grad, x, weight_d, weight_h, weight_w, gamma, mean, std):
-    weights = _transposed(weight_d, weight_h, weight_w)
-    kd, kh, kw = (t.shape[0] for t in weights)
+    weights = _row_major(weight_d, weight_h, weight_w)
+    kd, kh, kw = (t.shape[1] for t in weights)
     strides = (*x.stride(), *grad.stride())
     sums = _launch(_bn_grad_sums_kernel, x, (x, grad, *weights), strides, _N_SUMS,
                    dict(KD=kd, KH=kh, KW=kw)).double().sum(0)
@@ -298,12 +300,16 @@ class DecomposedConv3dBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight_d, weight_h, weight_w, gamma, beta, eps):
-        mean, var = torch.ops.dcformer_kernels.decomposed_conv3d_bn_stats(x, weight_d, weight_h, weight_w)
+        direct = launch_directly(x)  # see decomposed_conv.DecomposedConv3dFunction
+        if direct:
+            mean, var = _triton_bn_stats(x, weight_d, weight_h, weight_w)
+        else:
+            mean, var = torch.ops.dcformer_kernels.decomposed_conv3d_bn_stats(x, weight_d, weight_h, weight_w)
         std = torch.sqrt(var + eps)
         scale = (gamma.double() / std).to(x.dtype)  # (3, C)
         bias = (beta.double() - gamma.double() * mean / std).sum(0).to(x.dtype)
-        y = torch.ops.dcformer_kernels.decomposed_conv3d(
-            x, weight_d * scale[0, :, None], weight_h * scale[1, :, None], weight_w * scale[2, :, None], bias, 1)
+        folded = (x, weight_d * scale[0, :, None], weight_h * scale[1, :, None], weight_w * scale[2, :, None], bias, 1)
+        y = _triton_forward(*folded) if direct else torch.ops.dcformer_kernels.decomposed_conv3d(*folded)
         ctx.save_for_backward(x, weight_d, weight_h, weight_w, gamma, mean, std)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
@@ -311,8 +317,11 @@ class DecomposedConv3dBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _grad_mean, _grad_var):
         x, weight_d, weight_h, weight_w, gamma, mean, std = ctx.saved_tensors
-        dx, dwd, dwh, dww, dgamma, dbeta = torch.ops.dcformer_kernels.decomposed_conv3d_bn_backward(
-            grad, x, weight_d, weight_h, weight_w, gamma, mean, std)
+        args = (grad, x, weight_d, weight_h, weight_w, gamma, mean, std)
+        if launch_directly(x):
+            dx, dwd, dwh, dww, dgamma, dbeta = _triton_bn_backward(*args)
+        else:
+            dx, dwd, dwh, dww, dgamma, dbeta = torch.ops.dcformer_kernels.decomposed_conv3d_bn_backward(*args)
         return dx, dwd, dwh, dww, dgamma, dbeta, None
 
 

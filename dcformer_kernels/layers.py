@@ -43,6 +43,9 @@ class DecomposedConv3d(nn.Module):
       launch). In training mode each branch uses its own batch statistics; for the depthwise,
       stride-1 case on the Triton backend they come from the fused training kernels
       (``decomposed_conv_bn``: no branch tensors in memory), otherwise from the unfused form.
+      A branch conv's bias cancels in its BatchNorm: the fused path leaves it out of the graph, so
+      its ``.grad`` stays None (the unfused form gives zeros; an optimizer then skips it, weight
+      decay included). Pass ``bias=False`` with ``norm="batch"`` to have no such parameter.
 
     Parameters are stored as three ``nn.Conv3d`` (``branches.0/1/2`` along D/H/W) and, with
     ``norm="batch"``, three ``nn.BatchNorm3d`` (``norms.0/1/2``), so state dicts map one to one

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import torch.utils.flop_counter
 from torch import nn
 
-from ._dispatch import HAS_TRITON, next_power_of_2, resolve_backend, triton_interpreting
+from ._dispatch import HAS_TRITON, cdiv, next_power_of_2, resolve_backend, triton_interpreting
 from ._dispatch import acc_dtype as _acc_dtype
 from ._dispatch import compute_dtype as _compute_dtype
 from ._dispatch import index_dtype as _index_dtype
@@ -158,8 +158,8 @@ def _tile_config(n_rows: int, n_cols: int, dim: int, dtype: torch.dtype, device:
     outs = min(outs, max(16, next_power_of_2(dim)))
     splits = 1
     if not backward:
-        row_blocks, col_blocks = triton.cdiv(n_rows, rows), triton.cdiv(n_cols, cols)
-        splits = max(1, min(col_blocks, triton.cdiv(programs, row_blocks)))
+        row_blocks, col_blocks = cdiv(n_rows, rows), cdiv(n_cols, cols)
+        splits = max(1, min(col_blocks, cdiv(programs, row_blocks)))
     return _TileConfig(rows, cols, feats, outs, splits, warps, stages)
 
 
@@ -355,9 +355,9 @@ def _triton_block_forward(x, y, logit_scale, logit_bias, row_groups, col_groups,
     n_rows, dim = x.shape
     n_cols = y.shape[0]
     cfg = _tile_config(n_rows, n_cols, dim, x.dtype, x.device, backward=False)
-    row_blocks = triton.cdiv(n_rows, cfg.block_rows)
-    per_split = triton.cdiv(triton.cdiv(n_cols, cfg.block_cols), cfg.splits)
-    splits = triton.cdiv(triton.cdiv(n_cols, cfg.block_cols), per_split)
+    row_blocks = cdiv(n_rows, cfg.block_rows)
+    per_split = cdiv(cdiv(n_cols, cfg.block_cols), cfg.splits)
+    splits = cdiv(cdiv(n_cols, cfg.block_cols), per_split)
     partials = torch.empty((row_blocks, splits), dtype=_compute_dtype(x.dtype), device=x.device)
     has_groups = row_groups is not None
     _siglip_fwd_kernel[(row_blocks, splits)](
@@ -375,7 +375,7 @@ def _launch_grad_pass(a, b, logit_scale, logit_bias, g_scale, a_groups, b_groups
     """dA (float32/float64) and, when param_grads, the per-program (dt', db) partials."""
     n_a, dim = a.shape
     cfg = _tile_config(n_a, b.shape[0], dim, a.dtype, a.device, backward=True)
-    grid = (triton.cdiv(n_a, cfg.block_rows), triton.cdiv(dim, cfg.block_out))
+    grid = (cdiv(n_a, cfg.block_rows), cdiv(dim, cfg.block_out))
     da = torch.empty(a.shape, dtype=_compute_dtype(a.dtype), device=a.device)
     partials = torch.empty((grid[0], 2) if param_grads else (1, 2), dtype=da.dtype, device=a.device)
     has_groups = a_groups is not None
@@ -407,7 +407,7 @@ def _triton_stripe_grad(dots, logit_scale, logit_bias, row_groups, col_groups, s
     """G (unscaled, in ``g_dtype``) for one stripe and its (sum G <x, y>, sum G), by the Triton kernel."""
     n_rows, n_cols = dots.shape
     block_rows, block_cols = 32, 256
-    grid = (triton.cdiv(n_rows, block_rows), triton.cdiv(n_cols, block_cols))
+    grid = (cdiv(n_rows, block_rows), cdiv(n_cols, block_cols))
     g = torch.empty(dots.shape, dtype=g_dtype, device=dots.device)
     partials = torch.empty((grid[0] * grid[1], 2), dtype=dots.dtype, device=dots.device)
     has_groups = row_groups is not None
