@@ -33,8 +33,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.run_all
 
+# CUDA: GPU tests, then every benchmark, in about 8 minutes (bench/gpu_session.py)
 bench-gpu: $(STAMP)
-	$(PY) -m bench.run_all --gpu
+	$(PY) -m bench.gpu_session --work bench/results/gpu/local --budget-s 480
 
 clean:
 	rm -rf $(VENV) build *.egg-info

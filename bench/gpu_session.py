@@ -39,7 +39,7 @@ class Job:
     argv: list[str]
 
 
-BENCHMARKS = ("conv", "siglip", "models")
+BENCHMARKS = ("conv", "siglip", "models", "tune")
 
 
 def _compile_jobs(work: Path, benchmarks, models) -> list[Job]:
@@ -62,6 +62,11 @@ def _compile_jobs(work: Path, benchmarks, models) -> list[Job]:
         for dim in (256, 768, 1152):
             jobs.append(Job(f"compile siglip d={dim}", [PY, "-m", "bench.bench_siglip", "--compile-only", "--batches",
                                                         "1024", "--dims", str(dim)]))
+    if "tune" in benchmarks:
+        for stage in (1, 3):
+            for fmt in ("ncdhw", "cl"):
+                jobs.append(Job(f"compile tune stage {stage} {fmt}", [PY, "-m", "bench.tune_conv", "--compile-only",
+                                                                      "--stages", str(stage), "--formats", fmt]))
     if "models" in benchmarks:
         jobs.append(Job("compile models", [PY, "-m", "bench.run_all", "--gpu", "--compile-only", "--models",
                                            *(models or ["dcformer_small"]), "--no-progress", "--out", scratch]))
@@ -75,6 +80,7 @@ def _timed_jobs(work: Path, benchmarks, models) -> list[tuple[Job, float]]:
         "siglip": (Job("bench siglip", [PY, "-m", "bench.bench_siglip", "--out", str(work)]), 0.5),
         "models": (Job("bench models", [PY, "-m", "bench.run_all", "--gpu", "--no-progress", "--out", str(work)]
                        + (["--models", *models] if models else [])), 1.0),
+        "tune": (Job("bench tune", [PY, "-m", "bench.tune_conv", "--out", str(work)]), 0.5),
     }
     timed = [jobs[name] for name in BENCHMARKS if name in benchmarks]
     if timed:  # the last one gets all that is left
@@ -173,6 +179,16 @@ def summary(work: Path, status: dict[str, str]) -> str:
             cells = [_short(m.get(k, "-")) for k in ("fwd_ms", "fwd_pct_matmul", "bwd_ms", "bwd_pct_matmul",
                                                      "peak_extra_mib")]
             lines.append(f"| {inp} | {variant} | " + " | ".join(cells) + " |")
+    tune = [r for r in _rows(work / "tune_conv.csv") if _is_number(r["value"])]
+    for inp in dict.fromkeys(r["input"] for r in tune):
+        for mode in ("forward", "backward"):
+            times = [r for r in tune if r["input"] == inp and r["backend"] == mode]
+            if not times:
+                continue
+            best = min(times, key=lambda r: float(r["value"]))
+            default = times[0]  # the first candidate is _tile_config's choice
+            lines.append(f"tune {inp} {mode}: best {best['variant']} {best['value']} ms "
+                         f"(default {default['variant']} {default['value']} ms)")
     models = _rows(work / "models_gpu.csv")
     speed = [r for r in models if r["metric"] in ("speedup", "memory_ratio")]
     lines += [f"model {r['model']} {r['dtype']} {r['variant']} {r['metric']}: {r['value']}" for r in speed]

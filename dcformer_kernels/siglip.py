@@ -18,8 +18,8 @@ runs 7-10x the model FLOPs. The "stripes" backward computes S once: for a stripe
 (R x B logits, a bounded buffer) one matmul gives S, an elementwise kernel writes G and the
 stripe's partial sums for dt', db, and two more matmuls give dX[stripe] = t G Y and add
 t G^T X[stripe] to dY (fp32, stripes in a fixed order): 6 B^2 d at matmul rate, O(R B + B d)
-memory. ``backward_impl`` picks one; "auto" takes the stripes above d = 256. The PyTorch path
-(CPU) is the same stripes algorithm with the elementwise step in torch ops.
+memory. ``backward_impl`` picks one; "auto" takes the stripes above d = 256 or 8192^2 pairs.
+The PyTorch path (CPU) is the same stripes algorithm with the elementwise step in torch ops.
 Saved for backward: x, y, t', b (and the group ids); nothing of size B x B is ever stored.
 
 The same block functions (rows of X against columns of Y, with global row/column offsets that
@@ -59,11 +59,14 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _GROUP_DTYPES = (torch.int32, torch.int64)
 DIST_IMPLS = (None, "gather", "ring")
 BACKWARD_IMPLS = ("auto", "fused", "stripes")
-# "auto" keeps the fused row/column backward up to this d. H100, bf16 (bench/siglip_notes.md):
-# at d = 256 it beat the dense PyTorch backward (B = 32k: 16.7 vs 21.9 ms); at d = 768 and 1152
-# it was 5-10x slower than dense (118 vs 24 ms, 279 vs 26 ms), which the stripes fix by running
-# the products on cuBLAS. The stripes have not been timed against the fused kernel at d = 256.
+# "auto" keeps the fused row/column backward up to this d and this many pairs (rows x columns of
+# the block). H100, bf16, 2026-11-28 (bench/siglip_notes.md): at d = 768 and 1152 the fused
+# backward ran at 3-5 % of the matmul rate, the stripes at 37-43 %; at d = 256 the fused one won
+# at B = 1k and 4k (0.53 vs 0.68 ms at 4k) and the stripes from B = 16k on (1.6 vs 4.0 ms; 27 vs
+# 71 ms at 64k). The fused backward keeps the memory O(B d) (128 MiB beyond inputs at B = 64k,
+# d = 256, against 1.3 GiB for the stripes): backward_impl="fused" where memory matters more.
 FUSED_BACKWARD_MAX_DIM = 256
+FUSED_BACKWARD_MAX_PAIRS = 8192**2
 # The stripes' half-precision products need torch.mm(..., out_dtype=torch.float32) (torch >= 2.8);
 # without it "auto" stays with the fused backward.
 _MM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
@@ -566,18 +569,20 @@ def _block_backward(backend: str, backward_impl: str, grad, *args):
     return _stripes_block_backward(grad, *args)
 
 
-def resolve_backward_impl(backward_impl: str, backend: str, dim: int) -> str:
+def resolve_backward_impl(backward_impl: str, backend: str, dim: int, pairs: int) -> str:
     """Map ``backward_impl`` ("auto" | "fused" | "stripes") to the backward that runs.
 
-    The PyTorch backend has only the stripes form. On the Triton backend "auto" keeps the
-    fused row/column kernels up to d = FUSED_BACKWARD_MAX_DIM and takes the stripes above.
+    The PyTorch backend has only the stripes form. On the Triton backend "auto" keeps the fused
+    row/column kernels up to d = FUSED_BACKWARD_MAX_DIM and FUSED_BACKWARD_MAX_PAIRS pairs per
+    block, and takes the stripes beyond either.
     """
     if backward_impl not in BACKWARD_IMPLS:
         raise ValueError(f"backward_impl must be one of {BACKWARD_IMPLS}; got {backward_impl!r}")
     if backend == "torch":
         return "stripes"
     if backward_impl == "auto":
-        return "stripes" if dim > FUSED_BACKWARD_MAX_DIM and _MM_HAS_OUT_DTYPE else "fused"
+        large = dim > FUSED_BACKWARD_MAX_DIM or pairs > FUSED_BACKWARD_MAX_PAIRS
+        return "stripes" if large and _MM_HAS_OUT_DTYPE else "fused"
     return backward_impl
 
 
@@ -628,10 +633,11 @@ def siglip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, log
         backend: "auto" (Triton on CUDA, the chunked PyTorch path on CPU unless
             TRITON_INTERPRET=1), "triton" or "torch".
         backward_impl: the Triton backend's backward. "fused": row and column kernels that
-            recompute logit tiles (fast for d <= 256, 7-10x the model FLOPs above). "stripes":
-            row stripes of at most 512 MiB of fp32 logits, S and G computed once per stripe and
-            the products on cuBLAS (6 B^2 d FLOPs). "auto": fused up to d = 256, stripes
-            above. The PyTorch backend always runs the stripes.
+            recompute logit tiles (O(B d) memory; fast for d <= 256 and B up to ~8k, 7-10x the
+            model FLOPs above d = 256). "stripes": row stripes of at most 512 MiB of fp32 logits,
+            S and G computed once per stripe and the products on cuBLAS (6 B^2 d FLOPs; ~1.3-1.5
+            GiB beyond the inputs at B = 64k). "auto": fused up to d = 256 and 8192^2 pairs,
+            stripes beyond. The PyTorch backend always runs the stripes.
 
     Returns:
         0-dim loss, float32 (float64 for float64 inputs); products accumulate in float32 (fp64).
@@ -639,7 +645,7 @@ def siglip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, log
     """
     check_siglip_args(x, y, logit_scale, logit_bias, group_ids)
     backend = resolve_backend(backend, x.device)
-    backward_impl = resolve_backward_impl(backward_impl, backend, x.shape[1])
+    backward_impl = resolve_backward_impl(backward_impl, backend, x.shape[1], x.shape[0] * y.shape[0])
     return SigLIPLossFunction.apply(x, y, logit_scale, logit_bias, _unit_stride(group_ids), None, 0, 0,
                                     1.0 / x.shape[0], backend, backward_impl)
 
@@ -704,9 +710,9 @@ def siglip_loss_gather(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tens
     Returns world_size * this rank's share of the global loss (see the convention above).
     """
     check_siglip_args(x, y, logit_scale, logit_bias, group_ids)
-    _, rank = _world(group)
+    world, rank = _world(group)
     backend = resolve_backend(backend, x.device)
-    backward_impl = resolve_backward_impl(backward_impl, backend, x.shape[1])
+    backward_impl = resolve_backward_impl(backward_impl, backend, x.shape[1], x.shape[0] ** 2 * world)
     n_local = x.shape[0]
     group_ids = _unit_stride(group_ids)
     y_all = _GatherRows.apply(y, group)
@@ -799,7 +805,7 @@ def siglip_loss_ring(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor
     check_siglip_args(x, y, logit_scale, logit_bias, group_ids)
     _world(group)
     backend = resolve_backend(backend, x.device)
-    backward_impl = resolve_backward_impl(backward_impl, backend, x.shape[1])
+    backward_impl = resolve_backward_impl(backward_impl, backend, x.shape[1], x.shape[0] ** 2)  # per ring step
     return _RingSigLIPFunction.apply(x, y, logit_scale, logit_bias, _unit_stride(group_ids), group, backend,
                                      backward_impl)
 

@@ -139,8 +139,9 @@ def test_gpu_training_matches_unfused(dtype, tol, channels_last):
     x = torch.randn(2, 48, 13, 21, 17, device="cuda") * 2 + 0.5
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
-    x_f = x.to(dtype).requires_grad_()
-    x_u = x.double().requires_grad_()
+    # Two independent leaves (for float32, x.to(dtype) is x itself: x_u would be a non-leaf of it).
+    x_f = x.detach().to(dtype, copy=True).requires_grad_()
+    x_u = x.detach().double().requires_grad_()
     y_f = fused.to(dtype)(x_f)
     y_u = _unfused(unfused, x_u)
     rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731

@@ -240,14 +240,15 @@ def test_flop_counter(backward_impl):
 
 
 def test_backward_impl_selection(monkeypatch):
-    """"auto" keeps the fused kernels up to d = 256 and takes the stripes above; the PyTorch
-    backend has only the stripes; anything else is refused by name."""
+    """"auto" keeps the fused kernels up to d = 256 and 8192^2 pairs and takes the stripes beyond
+    either; the PyTorch backend has only the stripes; anything else is refused by name."""
     resolve = siglip_mod.resolve_backward_impl
-    assert resolve("auto", "triton", 256) == "fused"
-    assert resolve("auto", "triton", 257) == "stripes"
-    assert resolve("fused", "triton", 1152) == "fused"
-    assert resolve("stripes", "triton", 64) == "stripes"
-    assert resolve("fused", "torch", 64) == "stripes"
+    assert resolve("auto", "triton", 256, 8192**2) == "fused"
+    assert resolve("auto", "triton", 257, 64) == "stripes"
+    assert resolve("auto", "triton", 256, 8192**2 + 1) == "stripes"
+    assert resolve("fused", "triton", 1152, 65536**2) == "fused"
+    assert resolve("stripes", "triton", 64, 64) == "stripes"
+    assert resolve("fused", "torch", 64, 64) == "stripes"
     x, y, scale, bias, _ = _case_inputs("diag")
     with pytest.raises(ValueError, match=r"backward_impl must be one of \('auto', 'fused', 'stripes'\); got 'rows'"):
         siglip_loss(x, y, scale, bias, backward_impl="rows")

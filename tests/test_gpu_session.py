@@ -1,0 +1,45 @@
+"""bench.gpu_session's summary and compile-only mode: the parts of a GPU session that run without a GPU."""
+from __future__ import annotations
+
+import math
+
+from bench import common
+from bench.common import Row, time_fn, write_csv
+from bench.gpu_session import summary
+
+
+def _conv_rows(env):
+    name = "2x8x4x4x4 k=3"
+    rows = [Row("decomposed_conv3d", v, name, "float32", "forward+backward", "time", t, "ms", env=env)
+            for v, t in (("fused_ncdhw", 0.5), ("fused_cl", 0.4), ("three_conv3d_ncdhw", 2.0),
+                         ("three_conv3d_cl", 1.2))]
+    rows += [Row("decomposed_conv3d", "fused_ncdhw", name, "float32", "forward", "%copy", 41.5, "%", env=env),
+             Row("decomposed_conv3d", "fused vs best of three_conv3d", name, "float32", "forward+backward",
+                 "speedup", 3.0, "x", env=env)]
+    return rows
+
+
+def test_summary_reports_failures_conv_and_tune(tmp_path):
+    env = {"device": "test", "torch": "", "triton": "", "cuda": "", "date": ""}
+    write_csv(_conv_rows(env), tmp_path / "conv_gpu.csv")
+    write_csv([Row("decomposed_conv3d", label, "2x8x4x4x4 k=3 cl", "bfloat16", "forward", "time", t, "ms", env=env)
+               for label, t in (("default", 0.3), ("other", 0.2))], tmp_path / "tune_conv.csv")
+    (tmp_path / "tests.log").write_text("[gw0] [ 50%] FAILED tests/test_x.py::test_y\n== 1 failed, 1 passed ==\n")
+    text = summary(tmp_path, {"tests": "exit 1"})
+    assert "| tests | exit 1 |" in text
+    assert "FAILED tests/test_x.py::test_y" in text and "1 failed, 1 passed" in text
+    conv_line = next(line for line in text.splitlines() if line.startswith("| 2x8x4x4x4 k=3 |"))
+    # best fused 0.4 ms, best unfused 1.2 ms, the recorded speed-up, NCDHW forward % of copy
+    assert conv_line.rstrip(" |").split(" | ")[2:6] == ["41.5 / -", "0.4", "1.2", "3.0"]
+    assert "tune 2x8x4x4x4 k=3 cl forward: best other 0.2 ms (default default 0.3 ms)" in text
+
+
+def test_compile_only_calls_once_and_restores():
+    calls = []
+    with common.compile_only():
+        timing = time_fn(lambda: calls.append(1))
+        assert common.peak_memory_bytes(lambda: calls.append(1)) is None
+    assert calls == [1, 1] and math.isnan(timing.median_ms)
+    assert not common._COMPILE_ONLY
+    time_fn(lambda: calls.append(1), warmup_ms=0, min_reps=2)
+    assert len(calls) > 3  # timing again: the warm-up call plus the timed ones
