@@ -39,7 +39,7 @@ def _conv_launches():
         ws = [torch.empty(shape[1], k, dtype=dtype, device="meta") for _ in range(3)]
         bias = torch.empty(shape[1], dtype=dtype, device="meta")
         names = ("_decomposed_conv3d_fwd_kernel", "_decomposed_conv3d_tc_fwd_kernel", "_decomposed_conv3d_bwd_kernel",
-                 "_decomposed_conv3d_tc_dweight_kernel")
+                 "_decomposed_conv3d_tc_dweight_kernel", "_weight_grads_kernel")
         with capture_launches(dc, *names) as launches, \
                 mock.patch.object(dc, "TENSOR_CORES", "always" if tensor_cores else "never"):
             y = dc._triton_forward(x, *ws, bias, stride)
@@ -48,10 +48,10 @@ def _conv_launches():
         if stride == 1 and x.numel() < 2**31 and not tensor_cores:
             gamma = torch.empty(3, shape[1], dtype=dtype, device="meta")
             names = ("_bn_stats_kernel", "_bn_grad_sums_kernel", "_bn_dx_kernel")
-            with capture_launches(dcbn, *names) as launches:
+            with capture_launches(dcbn, *names) as launches, capture_launches(dc, "_weight_grads_kernel") as sums:
                 mean, var = dcbn._triton_bn_stats(x, *ws)
                 dcbn._triton_bn_backward(torch.empty_like(x), x, *ws, gamma, mean, var)
-            yield f"fused BN {dtype} {'cl' if channels_last else 'ncdhw'}", launches
+            yield f"fused BN {dtype} {'cl' if channels_last else 'ncdhw'}", launches + sums
 
 
 def _siglip_launches():

@@ -512,6 +512,32 @@ if HAS_TRITON:
         tl.store(dx0, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
+    @triton.jit
+    def _weight_grads_kernel(part_ptr, P, C, wd_ptr, wh_ptr, ww_ptr, b_ptr,
+                             KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, N_COLS: tl.constexpr,
+                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+        """Column sums of per-program partials (P, N_COLS, C) in a fixed order, stored as the (C, k)
+        weight gradients and, where N_COLS = KD + KH + KW + 1, the bias gradient, in their dtype."""
+        col = tl.program_id(0)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        rows = tl.arange(0, BLOCK_P)
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        for p0 in range(0, P, BLOCK_P):
+            p = (p0 + rows).to(tl.int64)
+            acc += tl.load(part_ptr + (p[:, None] * N_COLS + col) * C + c[None, :],
+                           mask=(p < P)[:, None] & c_ok[None, :], other=0.0)
+        total = tl.sum(acc, axis=0)
+        if col < KD:
+            tl.store(wd_ptr + c * KD + col, total.to(wd_ptr.dtype.element_ty), mask=c_ok)
+        elif col < KD + KH:
+            tl.store(wh_ptr + c * KH + (col - KD), total.to(wh_ptr.dtype.element_ty), mask=c_ok)
+        elif col < KD + KH + KW:
+            tl.store(ww_ptr + c * KW + (col - KD - KH), total.to(ww_ptr.dtype.element_ty), mask=c_ok)
+        else:
+            tl.store(b_ptr + c, total.to(b_ptr.dtype.element_ty), mask=c_ok)
+
+
 def _grid(n: int, depth: int, rows: int, cols: int, channels: int, cfg: _TileConfig):
     n_db = cdiv(depth, cfg.d_tile)
     n_hb = cdiv(rows, cfg.rows_h)
@@ -633,11 +659,24 @@ def _triton_backward(grad, x, weight_d, weight_h, weight_w, stride):
             KD=kd, KH=kh, KW=kw, STRIDE=stride,
             ACC=_acc_dtype(x.dtype), IDX=_index_dtype(x, grad, dx), EXACT_BLOCKS=True, **_block_kwargs(cfg),
         )
-    # A fixed-order reduction over programs: deterministic run to run.
-    totals = partials.sum(dim=0).to(x.dtype)  # (kd + kh + kw + 1, C)
-    # clone, not contiguous(): a (C, 1) transposed slice counts as contiguous and would alias.
-    dwd, dwh, dww, db = (t.t().clone(memory_format=torch.contiguous_format) for t in totals.split([kd, kh, kw, 1]))
-    return dx, dwd, dwh, dww, db.reshape(c)
+    return dx, *_weight_grads(partials, (kd, kh, kw), x.dtype)
+
+
+def _weight_grads(partials: torch.Tensor, taps, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The (C, k) weight gradients (and the (C,) bias gradient where partials has a column for
+    it) from per-program partials (P, n_cols, C): one launch, a fixed-order sum (deterministic)."""
+    n_programs, n_cols, c = partials.shape
+    kd, kh, kw = taps
+    grads = [torch.empty((c, k), dtype=dtype, device=partials.device) for k in taps]
+    if n_cols > kd + kh + kw:
+        grads.append(torch.empty(c, dtype=dtype, device=partials.device))
+    block_c = min(32, next_power_of_2(c))
+    # Only n_cols x C/block_c programs: each streams 4096-element tiles (16 KB of fp32) per step.
+    block_p = 8 if triton_interpreting() else 4096 // block_c
+    _weight_grads_kernel[(n_cols, cdiv(c, block_c))](
+        partials, n_programs, c, *grads[:3], grads[-1], KD=kd, KH=kh, KW=kw, N_COLS=n_cols,
+        BLOCK_P=block_p, BLOCK_C=block_c, ACC=_acc_dtype(partials.dtype), num_warps=4)
+    return grads
 
 
 # ----------------------------------------------------------------------------------------
@@ -720,8 +759,9 @@ def fvcore_op_handles() -> dict:
 class DecomposedConv3dFunction(torch.autograd.Function):
     """Autograd over the Triton kernels; saves x and the three weight vectors only.
 
-    Plain eager calls launch the kernels directly; under torch.compile or a dispatch mode
-    (FlopCounterMode, FakeTensorMode, ...) they go through the registered ops (``launch_directly``).
+    Plain eager calls launch the kernels directly; under torch.compile, torch.jit.trace or a
+    dispatch mode (FlopCounterMode, FakeTensorMode, ...) they go through the registered ops
+    (``_dispatch.launch_directly``).
     """
 
     @staticmethod

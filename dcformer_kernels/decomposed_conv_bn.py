@@ -35,6 +35,7 @@ from .decomposed_conv import (
     _row_major,
     _tile_config,
     _triton_forward,
+    _weight_grads,
     check_decomposed_conv3d_args,
 )
 
@@ -275,7 +276,7 @@ def _triton_bn_backward(grad, x, weight_d, weight_h, weight_w, gamma, mean, std)
     tables = [_transpose_tables(wt, n, acc) for wt, n in zip((weight_d, weight_h, weight_w), x.shape[2:])]
     partials = _launch(_bn_dx_kernel, x, (x, grad, *weights, *tables, coef.to(acc).contiguous(), dx),
                        (*strides, *dx.stride()), kd + kh + kw, dict(KD=kd, KH=kh, KW=kw))
-    dw = (t.t().clone(memory_format=torch.contiguous_format) for t in partials.sum(0).to(x.dtype).split([kd, kh, kw]))
+    dw = _weight_grads(partials, (kd, kh, kw), x.dtype)
     dbeta = sum_g.expand(3, -1)
     return (dx, *dw, dgamma.to(gamma.dtype), dbeta.to(gamma.dtype).contiguous())
 

@@ -322,6 +322,35 @@ def test_registered_ops_check_their_arguments():
         torch.ops.dcformer_kernels.decomposed_conv3d_backward(torch.randn(1, 2, 4, 5, 5), x, *good, 1)
 
 
+@pytest.mark.parametrize("with_bias,dtype", [(True, torch.float32), (False, torch.float64)])
+def test_weight_grads_kernel_sums_partials_into_each_gradient(with_bias, dtype):
+    """The backward's reduction: several row blocks (P = 37) and channel blocks (C = 45 > 32)."""
+    taps = (5, 3, 7)
+    partials = torch.randn(37, sum(taps) + with_bias, 45, dtype=dtype)
+    grads = dc._weight_grads(partials, taps, dtype)
+    want = partials.sum(0).t().split([*taps, 1] if with_bias else list(taps), dim=1)
+    assert len(grads) == len(want)
+    for got, ref in zip(grads, want):
+        torch.testing.assert_close(got, ref.reshape(got.shape), rtol=1e-6, atol=1e-6)
+        assert got.is_contiguous()
+
+
+def test_eager_calls_launch_directly_and_modes_get_the_registered_op(monkeypatch):
+    """Plain eager calls skip the op's dispatcher (host time); a dispatch mode sees the op."""
+    calls = []
+    for name in ("_triton_forward", "_triton_backward"):
+        monkeypatch.setattr(dc, name, lambda *a, _f=getattr(dc, name), _n=name: calls.append(_n) or _f(*a))
+    x, weights, b = make_inputs((1, 3, 4, 5, 6), (5, 3, 7), requires_grad=True)
+    with torch.autograd.profiler.profile() as prof:
+        decomposed_conv3d(x, *weights, b, backend="triton").sum().backward()
+    assert calls == ["_triton_forward", "_triton_backward"]
+    assert not [e for e in prof.function_events if "dcformer_kernels::" in e.name]
+    with FlopCounterMode(display=False) as counter:
+        decomposed_conv3d(x, *weights, b, backend="triton").sum().backward()
+    assert counter.get_flop_counts()["Global"][torch.ops.dcformer_kernels.decomposed_conv3d] > 0
+    assert calls[2:] == ["_triton_forward", "_triton_backward"]  # the ops' implementations
+
+
 def test_flop_counter_counts_the_fused_op():
     x, weights, b = make_inputs((1, 3, 4, 5, 6), (5, 3, 7), requires_grad=True)
     out_numel = 1 * 3 * 4 * 5 * 6

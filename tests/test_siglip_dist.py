@@ -75,6 +75,7 @@ def _worker(rank, world, port, out_path):
         results = {case: _run_case(rank, world, *case) for case in CASES}
         if rank == 0:
             torch.save(results, out_path)
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it (seen: SIGABRT, world 3)
     finally:
         dist.destroy_process_group()
 
