@@ -68,8 +68,10 @@ def _compile_jobs(work: Path, benchmarks, models) -> list[Job]:
                 jobs.append(Job(f"compile tune stage {stage} {fmt}", [PY, "-m", "bench.tune_conv", "--compile-only",
                                                                       "--stages", str(stage), "--formats", fmt]))
     if "models" in benchmarks:
-        jobs.append(Job("compile models", [PY, "-m", "bench.run_all", "--gpu", "--compile-only", "--models",
-                                           *(models or ["dcformer_small"]), "--no-progress", "--out", scratch]))
+        for dtype in ("bfloat16", "float32"):
+            jobs.append(Job(f"compile models {dtype}",
+                            [PY, "-m", "bench.run_all", "--gpu", "--compile-only", "--dtypes", dtype, "--models",
+                             *(models or ["dcformer_small"]), "--no-progress", "--out", f"{scratch}/{dtype}"]))
     return jobs
 
 

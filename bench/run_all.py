@@ -30,6 +30,8 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="+", default=None, metavar="PATTERN",
                         help="registry names or shell patterns, e.g. 'dcformer_*' (default: the suite in "
                              "bench/models/specs.py)")
+    parser.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32"],
+                        help="model suite dtypes (default: bfloat16 float32 with --gpu, float32 on CPU)")
     parser.add_argument("--skip-conv", action="store_true", help="CPU: skip the decomposed-conv kernel benchmark")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--compile-only", action="store_true",
@@ -53,7 +55,7 @@ def main(argv=None) -> None:
     print("== model suite", flush=True)
     with compile_only(args.compile_only):
         csv_path = models.run(args.out, gpu=args.gpu, budget_s=budget_s, models=args.models, started=started,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, dtypes=args.dtypes)
     stems = [csv_path.stem] + ([] if args.gpu or args.skip_conv else ["conv_cpu"])
     written = sorted(p.name for stem in stems for p in args.out.glob(f"{stem}*"))
     print(f"wrote {', '.join(written)} under {args.out} in {time.perf_counter() - started:.0f} s")

@@ -134,9 +134,10 @@ class Task:
                    metric=metric, value=why, unit="", env=env)
 
 
-def _tasks(encoders: list[Encoder], gpu: bool, device: torch.device, input_shape, env, rep_ms) -> list[Task]:
+def _tasks(encoders: list[Encoder], gpu: bool, device: torch.device, input_shape, env, rep_ms,
+           dtypes=None) -> list[Task]:
     """The suite's tasks in priority order: under a time budget the head of the list runs first."""
-    dtypes = ("bfloat16", "float32") if gpu else ("float32",)
+    dtypes = dtypes or (("bfloat16", "float32") if gpu else ("float32",))
     # On a CPU backend="auto" already is the unfused path: one run, not two identical ones.
     backends = ("auto", "torch") if gpu else ("auto",)
     inp = input_label(input_shape)
@@ -174,7 +175,7 @@ def _raise_terminated(signum, frame):
 
 def run(out_dir: Path = Path("bench/results"), gpu: bool = False, budget_s: float | None = None,
         models: list[str] | None = None, started: float | None = None, progress: bool = True,
-        rep_ms: float | None = None, input_shape: tuple[int, ...] | None = None) -> Path:
+        rep_ms: float | None = None, input_shape: tuple[int, ...] | None = None, dtypes=None) -> Path:
     """Run the suite, write ``models_{cpu,gpu}.csv``, ``.md`` and the plots; return the CSV path.
 
     ``budget_s`` (seconds since ``started``): no new task starts once the elapsed time plus the median
@@ -190,7 +191,7 @@ def run(out_dir: Path = Path("bench/results"), gpu: bool = False, budget_s: floa
     input_shape = input_shape or (GPU_INPUT if gpu else CPU_INPUT)
     rep_ms = rep_ms if rep_ms is not None else (100 if gpu else 300)
     csv_path = out_dir / f"{'models_gpu' if gpu else 'models_cpu'}.csv"
-    tasks = _tasks(select_encoders(models, gpu), gpu, device, input_shape, env, rep_ms)
+    tasks = _tasks(select_encoders(models, gpu), gpu, device, input_shape, env, rep_ms, dtypes)
     rows: list[Row] = []
     durations: list[float] = []
     in_main_thread = threading.current_thread() is threading.main_thread()
