@@ -17,9 +17,9 @@ from unittest import mock
 import torch
 
 import dcformer_kernels.decomposed_conv as dc
-from dcformer_kernels import decomposed_conv3d
-
-KERNELS = [name for name in dir(dc) if name.endswith("_kernel")]
+import dcformer_kernels.decomposed_conv_bn as dcbn
+import dcformer_kernels.layers as layers
+from dcformer_kernels import DecomposedConv3d, decomposed_conv3d
 
 
 class _NoLaunch:
@@ -43,15 +43,25 @@ def measure() -> dict[str, float]:
     bias = torch.randn(8, requires_grad=True)
     grad = torch.randn_like(x)
     leaves = [x, *weights, bias]
-    stubs = {name: _NoLaunch() for name in KERNELS}
-    with mock.patch.multiple(dc, **stubs), mock.patch.object(dc, "resolve_backend", lambda backend, device: "triton"):
+    layer = DecomposedConv3d(8, 8, 3, groups=8, norm="batch", backend="triton").train()
+    bn_leaves = [x, *(p for p in layer.parameters() if p.requires_grad)]
+    triton_backend = lambda backend, device: "triton"  # noqa: E731
+    with _stubbed(dc), _stubbed(dcbn), mock.patch.object(dc, "resolve_backend", triton_backend), \
+            mock.patch.object(layers, "resolve_backend", triton_backend):
         results = {
-            "forward+backward (all gradients)": _per_call_us(
+            "decomposed_conv3d forward+backward (all gradients)": _per_call_us(
                 lambda: torch.autograd.grad(decomposed_conv3d(x, *weights, bias), leaves, grad)),
+            "DecomposedConv3d(norm='batch'), training, forward+backward": _per_call_us(
+                lambda: torch.autograd.grad(layer(x), bn_leaves, grad, allow_unused=True), calls=1000),
         }
         with torch.no_grad():
-            results["forward (no grad)"] = _per_call_us(lambda: decomposed_conv3d(x, *weights, bias))
+            results["decomposed_conv3d forward (no grad)"] = _per_call_us(lambda: decomposed_conv3d(x, *weights, bias))
     return results
+
+
+def _stubbed(module):
+    """Every ``*_kernel`` of ``module`` replaced by a no-op launch."""
+    return mock.patch.multiple(module, **{name: _NoLaunch() for name in dir(module) if name.endswith("_kernel")})
 
 
 def main() -> None:

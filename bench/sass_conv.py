@@ -57,7 +57,8 @@ def _launches(c, d, h, w, k, dtype, layout, bn=True):
     gamma = torch.empty(3, c, dtype=dtype, device="meta")
     with capture_launches(dc, *[n for n, (m, _) in KERNELS.items() if m is dc]) as conv, \
             capture_launches(dcbn, *[n for n, (m, _) in KERNELS.items() if m is dcbn]) as bn_launches, \
-            capture_launches(dc, "_weight_grads_kernel"):  # the (small) partial-sum reduction: not modelled
+            capture_launches(dc, "_weight_grads_kernel"), capture_launches(dcbn, "_bn_table_kernel"):
+        # (the partial-sum reduction and the BN tables: small, not modelled)
         dc._triton_forward(x, *ws, None, 1)
         if min(d, h, w) >= dc.TC_CUBE:  # the tensor-core forward too (on CUDA: bf16/fp16 NCDHW)
             with mock.patch.object(dc, "TENSOR_CORES", "always"):

@@ -14,7 +14,7 @@ Forward (two reads of x):
 Backward (two reads of x and g):
   1. reduction kernel: Σ g and Σ g·z_b per channel (z_b recomputed in registers);
   2. dx kernel: dx = Σ_b a_b K_bᵀ g − e_b K_bᵀ z_b + c_b K_bᵀ 1, where K_bᵀ z_b = Σ_δ A_b(p, δ) x(p + δ)
-     with A_b the weights' autocorrelation cut at the volume's borders (host tables, O(k) loads
+     with A_b the weights' autocorrelation cut at the volume's borders (tables from a small kernel, O(k) loads
      per element, no z_b at shifted positions); the same loads give z_b(p), hence ∂L/∂z_b(p), and
      per-program partials of Σ_p ∂L/∂z_b(p)·x(p + j − k//2) for the weight gradients (reduced in
      a fixed order: deterministic, no atomics).
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import HAS_TRITON, launch_directly
+from ._dispatch import HAS_TRITON, launch_directly, next_power_of_2
 from .decomposed_conv import (
     _acc_dtype,
     _block_kwargs,
@@ -133,7 +133,7 @@ if HAS_TRITON:
         With dz = a g − e z + cc (BatchNorm's backward, cc = e μ − a m_g), at p:
             dx  += a (Kᵀ g)(p) − e Σ_δ A(p, δ) x(p + δ) + cc (Kᵀ 1)(p)     [(Kᵀ z)(p) = Σ_δ A(p, δ) x(p + δ)]
             dw[j] partial = Σ_p dz(p) x(p + j − K//2)
-        A(p, δ) = Σ_i w_i w_{i+δ} [output p + K//2 − i exists] and (Kᵀ 1)(p) come from the host
+        A(p, δ) = Σ_i w_i w_{i+δ} [output p + K//2 − i exists] and (Kᵀ 1)(p) come from the
         table tab (C, 2K, L): rows 0..2K−2 are A for δ = 1−K..K−1, row 2K−1 is Kᵀ1. O(K) loads.
         """
         a = tl.load(coef_ptr + c * 9 + AXIS, mask=c_ok, other=0.0)
@@ -191,22 +191,40 @@ if HAS_TRITON:
         dx0 = _at(dx_ptr, n, c, d, h, w, sdn, sdc, sdd, sdh, sdw, IDX)
         tl.store(dx0, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
+    @triton.jit
+    def _bn_table_kernel(w_ptr, tab_ptr, L, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
+        """One channel's (2K, L) table of _transpose_tables, from its row of the (C, K) weights."""
+        c = tl.program_id(0)
+        i = tl.arange(0, BLOCK_K)
+        w_i = tl.load(w_ptr + c * K + i, mask=i < K, other=0.0).to(tl.float64)
+        rows = tab_ptr + c.to(tl.int64) * (2 * K * L)
+        for p0 in range(0, L, BLOCK_L):
+            p = p0 + tl.arange(0, BLOCK_L)
+            o = p[:, None] + (K // 2) - i[None, :]  # output p + K//2 − i exists: tap i of it reaches p
+            exists = (o >= 0) & (o < L) & (i < K)[None, :]
+            for t in range(2 * K - 1):
+                j = i + (t - (K - 1))  # i + δ
+                w_j = tl.load(w_ptr + c * K + j, mask=(j >= 0) & (j < K), other=0.0).to(tl.float64)
+                a = tl.sum(tl.where(exists, (w_i * w_j)[None, :], 0.0), axis=1)
+                tl.store(rows + t * L + p, a.to(tab_ptr.dtype.element_ty), mask=p < L)
+            ones = tl.sum(tl.where(exists, w_i[None, :], 0.0), axis=1)
+            tl.store(rows + (2 * K - 1) * L + p, ones.to(tab_ptr.dtype.element_ty), mask=p < L)
 
-def _transpose_tables(weight: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
-    """(C, 2k, L) table of the dx pass for one branch (see _bn_branch_grad), computed in float64.
+
+def _transpose_tables(weights, lengths, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The dx pass's (C, 2k, L) table per branch (see _bn_branch_grad), one launch each.
 
     Rows t < 2k−1: A(p, δ = t − k + 1) = Σ_i w_i w_{i+δ} [0 <= p + k//2 − i < L]; row 2k−1: Σ_i w_i [same].
+    Computed in float64 by _bn_table_kernel (as host tensor ops these were ~10 launches per branch).
     """
-    w = weight.double()
-    k = w.shape[1]
-    taps = torch.arange(k, device=w.device)
-    o = torch.arange(length, device=w.device)[:, None] + k // 2 - taps[None, :]
-    exists = ((o >= 0) & (o < length)).double()  # (L, k): output p + k//2 − i exists
-    j = taps[:, None] + torch.arange(1 - k, k, device=w.device)[None, :]  # (k, 2k−1): i + δ
-    pairs = w[:, :, None] * torch.where((j >= 0) & (j < k), w[:, j.clamp(0, k - 1)], 0.0)  # (C, k, 2k−1)
-    autocorr = torch.einsum("pi,cit->ctp", exists, pairs)
-    ones = torch.einsum("pi,ci->cp", exists, w)[:, None]
-    return torch.cat([autocorr, ones], dim=1).to(dtype).contiguous()
+    tables = []
+    for w, length in zip(weights, lengths):
+        c, k = w.shape
+        table = torch.empty((c, 2 * k, length), dtype=dtype, device=w.device)
+        _bn_table_kernel[(c,)](w, table, length, K=k, BLOCK_K=next_power_of_2(k),
+                               BLOCK_L=min(64, next_power_of_2(length)), num_warps=4)
+        tables.append(table)
+    return tables
 
 
 def _launch(kernel, x, tensors, strides, n_cols, extra_constexpr=None):
@@ -273,7 +291,7 @@ def _triton_bn_backward(grad, x, weight_d, weight_h, weight_w, gamma, mean, std)
     coef = torch.cat([a_b, e_b, e_b * mean64 - a_b * (sum_g / count)]).T  # (C, 9): a, e, cc per branch
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    tables = [_transpose_tables(wt, n, acc) for wt, n in zip((weight_d, weight_h, weight_w), x.shape[2:])]
+    tables = _transpose_tables(weights, x.shape[2:], acc)
     partials = _launch(_bn_dx_kernel, x, (x, grad, *weights, *tables, coef.to(acc).contiguous(), dx),
                        (*strides, *dx.stride()), kd + kh + kw, dict(KD=kd, KH=kh, KW=kw))
     dw = _weight_grads(partials, (kd, kh, kw), x.dtype)
