@@ -9,9 +9,10 @@ one 340 s call overran, bench/results/gpu_runs.md). So:
    when installed) beside ``--compile-only`` runs of every benchmark, one process per stage, size or
    model, which call each kernel once and fill Triton's and Inductor's on-disk caches;
 2. time, one process at a time on an otherwise idle GPU: ``bench.bench_conv`` (batch 2, then 8),
-   ``bench.bench_siglip`` (all sizes), the model suite (``bench.run_all --gpu``). Each has a share of
-   what is left, stops starting new cases at its share and writes its CSV as it goes; a process
-   still running at its hard limit gets SIGTERM, then SIGKILL.
+   ``bench.bench_siglip`` (all sizes), the model suite (``bench.run_all --gpu``), the tile sweep
+   (``bench.tune_conv``); ``--benchmarks`` picks which. Each has a share of what is left, stops
+   starting new cases at its share and writes its CSV as it goes; a process still running at its
+   hard limit gets SIGTERM, then SIGKILL (its whole process group).
 
 Then a short summary table. Results and every log go under ``--work``, packed into ``--archive``.
 """
