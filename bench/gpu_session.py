@@ -10,7 +10,8 @@ one 340 s call overran, bench/results/gpu_runs.md). So:
    model, which call each kernel once and fill Triton's and Inductor's on-disk caches;
 2. time, one process at a time on an otherwise idle GPU: ``bench.bench_conv`` (batch 2, then 8),
    ``bench.bench_siglip`` (all sizes), the model suite (``bench.run_all --gpu``), the tile sweep
-   (``bench.tune_conv``); ``--benchmarks`` picks which. Each has a share of what is left, stops
+   (``bench.tune_conv``); ``--benchmarks`` picks which. Before them, ``bench.host_overhead``
+   (host time per call of tiny fused-conv calls). Each has a share of what is left, stops
    starting new cases at its share and writes its CSV as it goes; a process still running at its
    hard limit gets SIGTERM, then SIGKILL (its whole process group).
 
@@ -150,6 +151,9 @@ def summary(work: Path, status: dict[str, str]) -> str:
         log = [ln for ln in tests_log.read_text().splitlines() if ln.strip()]
         failed = [ln for ln in log if ln.startswith(("FAILED", "ERROR")) or " FAILED " in ln or " ERROR " in ln]
         lines += ["", f"tests: {log[-1] if log else '(no output)'}"] + [f"    {ln[:300]}" for ln in failed[:20]]
+    host_log = work / "host_overhead.log"
+    if host_log.exists():
+        lines += ["", *(f"host: {ln}" for ln in host_log.read_text().splitlines() if " us per call " in ln)]
     conv = _rows(work / "conv_gpu.csv")
     if conv:
         lines += ["", "| conv input | dtype | fwd % copy (ncdhw / cl) | fwd+bwd ms fused (best) | best 3x Conv3d | "
@@ -245,6 +249,9 @@ def main(argv=None) -> int:
     status.update(_wait_all(procs, START + args.compile_share * args.budget_s))
 
     print("== timed phase (one at a time)", flush=True)
+    # First, seconds: host time per call of tiny fused-conv calls, stubbed and with real launches.
+    status.update(_wait_all({"host overhead": _start(Job("host overhead", [PY, "-m", "bench.host_overhead"]),
+                                                       args.work)}, time.monotonic() + 90))
     for job, share in _timed_jobs(args.work, args.benchmarks, args.models):
         left = deadline - time.monotonic()
         if left < 20:

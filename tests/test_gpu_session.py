@@ -25,6 +25,7 @@ def test_summary_reports_failures_conv_and_tune(tmp_path):
     write_csv([Row("decomposed_conv3d", label, "2x8x4x4x4 k=3 cl", "bfloat16", "forward", "time", t, "ms", env=env)
                for label, t in (("default", 0.3), ("other", 0.2))], tmp_path / "tune_conv.csv")
     (tmp_path / "tests.log").write_text("[gw0] [ 50%] FAILED tests/test_x.py::test_y\n== 1 failed, 1 passed ==\n")
+    (tmp_path / "host_overhead.log").write_text("compiling...\nforward: 12.0 us per call (H100, real launches)\n")
     text = summary(tmp_path, {"tests": "exit 1"})
     assert "| tests | exit 1 |" in text
     assert "FAILED tests/test_x.py::test_y" in text and "1 failed, 1 passed" in text
@@ -32,6 +33,7 @@ def test_summary_reports_failures_conv_and_tune(tmp_path):
     # best fused 0.4 ms, best unfused 1.2 ms, the recorded speed-up, NCDHW forward % of copy
     assert conv_line.rstrip(" |").split(" | ")[2:6] == ["41.5 / -", "0.4", "1.2", "3.0"]
     assert "tune 2x8x4x4x4 k=3 cl forward: best other 0.2 ms (default default 0.3 ms)" in text
+    assert "host: forward: 12.0 us per call (H100, real launches)" in text and "compiling" not in text
 
 
 def test_compile_only_calls_once_and_restores():
