@@ -15,11 +15,12 @@ one writer and every reduction has a fixed order: no atomics, bitwise-identical 
 
 That backward recomputes each S tile once per block of gradient features, so above d = 256 it
 runs 7-10x the model FLOPs. The "stripes" backward computes S once: for a stripe of R rows
-(R x B logits, a bounded buffer) one matmul gives S, an elementwise kernel writes G and the
-stripe's partial sums for dt', db, and two more matmuls give dX[stripe] = t G Y and add
-t G^T X[stripe] to dY (fp32, stripes in a fixed order): 6 B^2 d at matmul rate, O(R B + B d)
-memory. ``backward_impl`` picks one; "auto" takes the stripes above d = 256 or 8192^2 pairs.
-The PyTorch path (CPU) is the same stripes algorithm with the elementwise step in torch ops.
+one kernel builds the R x B logits tile by tile (as the forward does, never storing them) and
+writes G in the input dtype (a bounded buffer) with the stripe's partial sums for dt', db; two
+matmuls give dX[stripe] = t G Y and add t G^T X[stripe] to dY (fp32, stripes in a fixed order):
+6 B^2 d FLOPs, two thirds of them on cuBLAS, O(R B + B d) memory. ``backward_impl`` picks one;
+"auto" takes the stripes above d = 256 or 8192^2 pairs. The PyTorch path (CPU) is the same
+stripes algorithm with the logits of a stripe as one torch matmul and G in torch ops.
 Saved for backward: x, y, t', b (and the group ids); nothing of size B x B is ever stored.
 
 The same block functions (rows of X against columns of Y, with global row/column offsets that
@@ -63,18 +64,22 @@ BACKWARD_IMPLS = ("auto", "fused", "stripes")
 # the block). H100, bf16, 2026-11-28 (bench/siglip_notes.md): at d = 768 and 1152 the fused
 # backward ran at 3-5 % of the matmul rate, the stripes at 37-43 %; at d = 256 the fused one won
 # at B = 1k and 4k (0.53 vs 0.68 ms at 4k) and the stripes from B = 16k on (1.6 vs 4.0 ms; 27 vs
-# 71 ms at 64k). The fused backward keeps the memory O(B d) (128 MiB beyond inputs at B = 64k,
-# d = 256, against 1.3 GiB for the stripes): backward_impl="fused" where memory matters more.
+# 71 ms at 64k). Those stripes still stored each stripe's fp32 S (1.3 GiB beyond inputs at
+# B = 64k against 128 MiB for the fused backward); their kernel now builds S itself (~0.4 GiB at
+# d = 256 by count of buffers; not yet timed on a GPU). backward_impl="fused" keeps O(B d).
 FUSED_BACKWARD_MAX_DIM = 256
 FUSED_BACKWARD_MAX_PAIRS = 8192**2
 # The stripes' half-precision products need torch.mm(..., out_dtype=torch.float32) (torch >= 2.8);
 # without it "auto" stays with the fused backward.
 _MM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 # Logits per row stripe (one chunk of the PyTorch path, one stripe of the stripes backward):
-# 16 MiB of fp32 on CPU. On CUDA 512 MiB of fp32 S (plus 256 MiB of bf16 G): every stripe also
-# reads and writes the B x d fp32 dY (~16 B d bytes), which costs ~530 / rows of the stripe's
-# matmul time on an H100 (estimate, bench/siglip_notes.md), so B = 32k gets 4096-row stripes.
+# 16 MiB of fp32 on CPU. On CUDA 256 MiB of bf16 G (the Triton stripe kernel never stores S):
+# every stripe also reads and writes the B x d fp32 dY (~16 B d bytes), which costs ~530 / rows
+# of the stripe's matmul time on an H100 (estimate, bench/siglip_notes.md), so B = 32k gets
+# 4096-row stripes. dY's per-stripe product runs over column chunks of at most 1/8 of that many
+# fp32 elements (64 MiB on CUDA).
 STRIPE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}
+DY_CHUNK_FRACTION = 8
 STRIPE_ROW_MULTIPLE = 128  # stripes of many rows start on a multiple of the matmul tile
 
 
@@ -324,14 +329,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _siglip_stripe_grad_kernel(
-        dots_ptr, g_ptr, part_ptr, scale_ptr, bias_ptr, grow_ptr, gcol_ptr,
-        NR, NC, row_start, col_start,
-        HAS_GROUPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-        ACC: tl.constexpr, IDX: tl.constexpr,
+        x_ptr, y_ptr, g_ptr, part_ptr, scale_ptr, bias_ptr, gx_ptr, gy_ptr,
+        NR, NC, D, sx0, sx1, sy0, sy1, row_start, col_start,
+        HAS_GROUPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        PREC: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
     ):
-        # One tile of a stripe: G = -z sigmoid(-z S) from the <x_i, y_j> of a contiguous NR x NC
-        # buffer, written in the matmul dtype (1/B and the upstream gradient left out, as above),
-        # and the tile's sums of G <x_i, y_j> and of G for dt' and db.
+        # One tile of a stripe: <x_i, y_j> by tl.dot (kept in registers, never stored), G = -z sigmoid(-z S)
+        # written to the contiguous NR x NC buffer in its dtype (1/B and the upstream gradient left out,
+        # as above), and the tile's sums of G <x_i, y_j> and of G for dt' and db. Consecutive programs
+        # share a column tile: the stripe's rows of X stay in L2 while Y streams through once.
         pid_r = tl.program_id(0)
         pid_c = tl.program_id(1)
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -339,16 +345,17 @@ if HAS_TRITON:
         row_ok = rows < NR
         col_ok = cols < NC
         ok = row_ok[:, None] & col_ok[None, :]
-        offsets = rows.to(IDX)[:, None] * NC + cols.to(IDX)[None, :]
-        dots = tl.load(dots_ptr + offsets, mask=ok, other=0.0).to(ACC)
+        dots = _pair_dots(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D, sx0, sx1, sy0, sy1,
+                          BLOCK_R, BLOCK_C, BLOCK_D, PREC, ACC, IDX)
         logits = tl.exp(tl.load(scale_ptr).to(ACC)) * dots + tl.load(bias_ptr).to(ACC)
         row_group = rows
         if HAS_GROUPS:
-            row_group = tl.load(grow_ptr + rows, mask=row_ok, other=0)
-        positive = _positive_pairs(rows, cols, col_ok, row_start, col_start, row_group, gcol_ptr, HAS_GROUPS)
+            row_group = tl.load(gx_ptr + rows, mask=row_ok, other=0)
+        positive = _positive_pairs(rows, cols, col_ok, row_start, col_start, row_group, gy_ptr, HAS_GROUPS)
         sig = _sigmoid(tl.where(positive, -logits, logits), ACC)
         dlogit = tl.where(ok, tl.where(positive, -sig, sig), 0.0)
-        tl.store(g_ptr + offsets, dlogit.to(g_ptr.dtype.element_ty), mask=ok)
+        tl.store(g_ptr + rows.to(IDX)[:, None] * NC + cols.to(IDX)[None, :], dlogit.to(g_ptr.dtype.element_ty),
+                 mask=ok)
         part = part_ptr + 2 * (pid_r * tl.num_programs(1) + pid_c)
         tl.store(part, tl.sum(tl.sum(dlogit * dots, axis=1), axis=0))
         tl.store(part + 1, tl.sum(tl.sum(dlogit, axis=1), axis=0))
@@ -405,20 +412,23 @@ def _triton_block_backward(grad, x, y, logit_scale, logit_bias, row_groups, col_
     return dx, dy, d_scale, d_bias
 
 
-def _triton_stripe_grad(dots, logit_scale, logit_bias, row_groups, col_groups, start, stop, row_start, col_start,
-                        g_dtype):
-    """G (unscaled, in ``g_dtype``) for one stripe and its (sum G <x, y>, sum G), by the Triton kernel."""
-    n_rows, n_cols = dots.shape
-    block_rows, block_cols = 32, 256
-    grid = (cdiv(n_rows, block_rows), cdiv(n_cols, block_cols))
-    g = torch.empty(dots.shape, dtype=g_dtype, device=dots.device)
-    partials = torch.empty((grid[0] * grid[1], 2), dtype=dots.dtype, device=dots.device)
+def _triton_stripe_grad(x_s, y, logit_scale, logit_bias, row_groups, col_groups, start, stop, row_start,
+                        col_start, acc):
+    """G (unscaled, in the dtype of x_s) for the stripe x_s against all of y, and its
+    (sum G <x, y>, sum G) in ``acc``: one kernel that computes the logits itself."""
+    n_rows, n_cols = x_s.shape[0], y.shape[0]
+    cfg = _tile_config(n_rows, n_cols, x_s.shape[1], x_s.dtype, x_s.device, backward=False)
+    grid = (cdiv(n_rows, cfg.block_rows), cdiv(n_cols, cfg.block_cols))
+    g = torch.empty((n_rows, n_cols), dtype=x_s.dtype, device=x_s.device)
+    partials = torch.empty((grid[0] * grid[1], 2), dtype=acc, device=x_s.device)
     has_groups = row_groups is not None
     _siglip_stripe_grad_kernel[grid](
-        dots, g, partials, logit_scale, logit_bias, row_groups[start:stop] if has_groups else dots,
-        col_groups if has_groups else dots, n_rows, n_cols, row_start + start, col_start,
-        HAS_GROUPS=has_groups, BLOCK_R=block_rows, BLOCK_C=block_cols, ACC=_acc_dtype(dots.dtype),
-        IDX=_index_dtype(dots, g), num_warps=8,
+        x_s, y, g, partials, logit_scale, logit_bias, row_groups[start:stop] if has_groups else x_s,
+        col_groups if has_groups else y, n_rows, n_cols, x_s.shape[1], *x_s.stride(), *y.stride(),
+        row_start + start, col_start,
+        HAS_GROUPS=has_groups, BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, BLOCK_D=cfg.block_d,
+        PREC=_dot_precision(x_s.dtype), ACC=_acc_dtype(x_s.dtype), IDX=_index_dtype(x_s, y, g),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return g, partials.sum(dim=0)
 
@@ -463,40 +473,47 @@ def _torch_block_forward(x, y, logit_scale, logit_bias, row_groups, col_groups, 
     return total * loss_scale
 
 
-def _torch_stripe_grad(dots, logit_scale, logit_bias, row_groups, col_groups, start, stop, row_start, col_start,
-                       g_dtype):
-    """G (unscaled, in ``g_dtype``) for one stripe and its (sum G <x, y>, sum G), in torch ops."""
-    logits = dots * logit_scale.to(dots.dtype).exp() + logit_bias.to(dots.dtype)
-    positive = _torch_positive_pairs(start, stop, dots.shape[1], row_groups, col_groups, row_start, col_start,
+def _torch_stripe_grad(x_s, y, logit_scale, logit_bias, row_groups, col_groups, start, stop, row_start, col_start,
+                       acc):
+    """G (unscaled, in the dtype of x_s) for the stripe x_s against all of y, and its
+    (sum G <x, y>, sum G) in ``acc``, in torch ops (the logits are a stripe-sized buffer)."""
+    dots = _matmul_acc(x_s, y.T, acc)
+    logits = dots * logit_scale.to(acc).exp() + logit_bias.to(acc)
+    positive = _torch_positive_pairs(start, stop, y.shape[0], row_groups, col_groups, row_start, col_start,
                                      dots.device)
     sig = torch.sigmoid(torch.where(positive, -logits, logits))
     dlogit = torch.where(positive, -sig, sig)
-    return dlogit.to(g_dtype), torch.stack([(dlogit * dots).sum(), dlogit.sum()])
+    return dlogit.to(x_s.dtype), torch.stack([(dlogit * dots).sum(), dlogit.sum()])
 
 
 def _stripes_block_backward(grad, x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start,
                             loss_scale, stripe_grad=_torch_stripe_grad):
-    """dX = t G Y, dY = t G^T X by row stripes: per stripe S = X_s Y^T once, G from S, then
+    """dX = t G Y, dY = t G^T X by row stripes: per stripe G from S = X_s Y^T, then
     dX_s = G Y and dY += G^T X_s (fixed stripe order), all accumulated in float32 (float64).
 
-    On CUDA the products take the input dtype (tensor cores, fp32 accumulation and output) and
-    G is cast to it, as the fused kernel does; on CPU everything runs in the compute dtype.
+    Off the CPU (CUDA; meta for the compile check) the products take the input dtype (tensor
+    cores, fp32 accumulation and output) and G is written in it, as the fused kernel does; on
+    CPU everything runs in the compute dtype.
     1/B, t and the upstream gradient are applied to the sums, so fp16 G cannot underflow.
+    dY's update runs over column chunks so that its fp32 product is a bounded temporary.
     """
     acc = _compute_dtype(x.dtype)
-    mm_dtype = x.dtype if x.is_cuda else acc
+    mm_dtype = acc if x.device.type == "cpu" else x.dtype
     x_m, y_m = x.to(mm_dtype), y.to(mm_dtype)
     dx = torch.empty(x.shape, dtype=acc, device=x.device)
     dy = torch.zeros(y.shape, dtype=acc, device=x.device)
     sums = torch.zeros(2, dtype=acc, device=x.device)  # sum G <x, y>, sum G
+    budget = STRIPE_ELEMENTS["cuda" if x.is_cuda else "cpu"]
+    chunk = max(1, budget // (DY_CHUNK_FRACTION * x.shape[1]))
     for start, stop in _stripes(x.shape[0], y.shape[0], x.device):
         x_s = x_m[start:stop]
-        dots = _matmul_acc(x_s, y_m.T, acc)
-        g, stripe_sums = stripe_grad(dots, logit_scale, logit_bias, row_groups, col_groups, start, stop,
-                                     row_start, col_start, mm_dtype)
+        g, stripe_sums = stripe_grad(x_s, y_m, logit_scale, logit_bias, row_groups, col_groups, start, stop,
+                                     row_start, col_start, acc)
         dx[start:stop] = _matmul_acc(g, y_m, acc)
-        dy += _matmul_acc(g.T, x_s, acc)
+        for c0 in range(0, y.shape[0], chunk):
+            dy[c0:c0 + chunk] += _matmul_acc(g[:, c0:c0 + chunk].T, x_s, acc)
         sums += stripe_sums
+        del g  # the next stripe's G is allocated before this one would go out of scope
     g_scale = grad.to(acc) * loss_scale
     t_g_scale = logit_scale.to(acc).exp() * g_scale
     return (dx.mul_(t_g_scale), dy.mul_(t_g_scale), (sums[0] * t_g_scale).to(logit_scale.dtype),
@@ -634,10 +651,11 @@ def siglip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, log
             TRITON_INTERPRET=1), "triton" or "torch".
         backward_impl: the Triton backend's backward. "fused": row and column kernels that
             recompute logit tiles (O(B d) memory; fast for d <= 256 and B up to ~8k, 7-10x the
-            model FLOPs above d = 256). "stripes": row stripes of at most 512 MiB of fp32 logits,
-            S and G computed once per stripe and the products on cuBLAS (6 B^2 d FLOPs; ~1.3-1.5
-            GiB beyond the inputs at B = 64k). "auto": fused up to d = 256 and 8192^2 pairs,
-            stripes beyond. The PyTorch backend always runs the stripes.
+            model FLOPs above d = 256). "stripes": row stripes of at most 2^27 pairs (256 MiB of
+            bf16 G), S and G computed once per stripe in one kernel and the two products on
+            cuBLAS (6 B^2 d FLOPs; ~0.7 GiB beyond inputs and gradients at B = 64k, d = 768,
+            by count of its buffers). "auto": fused up to d = 256 and 8192^2 pairs, stripes
+            beyond. The PyTorch backend always runs the stripes.
 
     Returns:
         0-dim loss, float32 (float64 for float64 inputs); products accumulate in float32 (fp64).

@@ -11,10 +11,13 @@ reference comparisons run with CPU stripes of 1500 logits (fixture ``small_strip
 B = 100 runs as six stripes of 15 rows and one of 10.
 """
 import math
+import weakref
 
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 import dcformer_kernels.siglip as siglip_mod
@@ -308,6 +311,56 @@ def test_chunked_path_memory_is_linear_in_batch(monkeypatch):
         assert peaks["dense", batch] > 4 * batch * batch * fp32, peaks
     assert peaks["chunked", 2048] < 2.5 * peaks["chunked", 1024], peaks
     assert peaks["dense", 2048] > 3.5 * peaks["dense", 1024], peaks
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages that ops inside the block return and that are still
+    referenced, sampled after every op, less those of ``inputs`` (views of them): a count of the
+    buffers an algorithm holds (meta tensors work), not of an allocator's reserve."""
+
+    def __init__(self, *inputs):
+        super().__init__()
+        self.tensors = {}  # id -> weak reference (a WeakSet would compare tensors with ==)
+        self.inputs = {t.untyped_storage()._cdata for t in inputs}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.tensors.update((id(t), weakref.ref(t)) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        alive = [t for t in (ref() for ref in self.tensors.values()) if t is not None]
+        storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in alive}
+        storages = {key: nbytes for key, nbytes in storages.items() if key not in self.inputs}
+        self.peak = max(self.peak, sum(storages.values()))
+        return out
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("dim", [256, 768])
+def test_stripes_buffers_at_64k_stay_under_a_gibibyte(dim, monkeypatch):
+    """The Triton stripes backward at B = 64k, bf16, with the CUDA stripe size (2048 rows), counted
+    on meta tensors with the kernel launch stubbed: the stripe's bf16 G (256 MiB), fp32 dX and dY,
+    and one bounded fp32 product (dY's per chunk); no fp32 stripe of logits, and at most one G
+    alive at a time. The issue's bound is 1 GiB beyond inputs and gradients."""
+    batch, mib = 65536, 2**20
+    monkeypatch.setitem(siglip_mod.STRIPE_ELEMENTS, "cpu", siglip_mod.STRIPE_ELEMENTS["cuda"])  # meta runs as "cpu"
+    monkeypatch.setattr(siglip_mod, "_siglip_stripe_grad_kernel", _NoLaunch())
+    x, y = (torch.empty(batch, dim, dtype=torch.bfloat16, device="meta") for _ in range(2))
+    scale, bias = (torch.zeros((), device="meta") for _ in range(2))
+    with _LiveBytes(x, y, scale, bias) as live:
+        dx, dy, _, _ = siglip_mod._stripes_block_backward(scale, x, y, scale, bias, None, None, 0, 0, 1 / batch,
+                                                          stripe_grad=siglip_mod._triton_stripe_grad)
+    assert dx.dtype == dy.dtype == torch.float32
+    rows = siglip_mod.STRIPE_ELEMENTS["cuda"] // batch
+    g = rows * batch * 2
+    grads_fp32 = 2 * batch * dim * 4
+    chunk = siglip_mod.STRIPE_ELEMENTS["cuda"] // (siglip_mod.DY_CHUNK_FRACTION * dim) * dim * 4  # <= 64 MiB
+    expected = g + grads_fp32 + max(chunk, rows * dim * 4)  # one product's fp32 output at a time
+    assert expected <= live.peak <= expected + mib, (live.peak / mib, expected / mib)
+    assert live.peak < 1024 * mib
 
 
 @pytest.mark.usefixtures("small_stripes")
