@@ -96,8 +96,9 @@ def check_siglip_args(x, y, logit_scale, logit_bias, group_ids=None) -> None:
         if emb.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {emb.dtype}")
     batch, dim = x.shape
-    if batch < 1:
-        raise ValueError(f"x must have at least one row, shape (B >= 1, d); got shape {tuple(x.shape)}")
+    if batch < 1 or dim < 1:
+        raise ValueError(f"x must have at least one row and one feature, shape (B >= 1, d >= 1); "
+                         f"got shape {tuple(x.shape)}")
     if y.shape != x.shape:
         raise ValueError(f"y must have the shape of x, (B={batch}, d={dim}); got {tuple(y.shape)}")
     if y.dtype != x.dtype:
@@ -313,9 +314,11 @@ if HAS_TRITON:
             positive = _positive_pairs(rows, cols, col_ok, a_start, b_start, row_group, gb_ptr, HAS_GROUPS)
             sig = _sigmoid(tl.where(positive, -logits, logits), ACC)
             # The 1/B stays out of the tile so that fp16 tiles do not underflow; applied below.
-            dlogit = tl.where(row_ok[:, None] & col_ok[None, :], tl.where(positive, -sig, sig), 0.0)
+            ok = row_ok[:, None] & col_ok[None, :]
+            dlogit = tl.where(ok, tl.where(positive, -sig, sig), 0.0)
             if PARAM_GRADS:
-                sum_g_dots += tl.sum(dlogit * dots, axis=1)
+                # Masked again: a padded pair's dot is inf * 0 = NaN when its real row holds an inf.
+                sum_g_dots += tl.sum(tl.where(ok, dlogit * dots, 0.0), axis=1)
                 sum_g += tl.sum(dlogit, axis=1)
             b_tile = tl.load(b_outs + cols.to(IDX)[:, None] * sb0, mask=col_ok[:, None] & out_ok[None, :], other=0.0)
             da = tl.dot(dlogit.to(b_tile.dtype), b_tile, da, input_precision=PREC, out_dtype=ACC)
@@ -357,7 +360,7 @@ if HAS_TRITON:
         tl.store(g_ptr + rows.to(IDX)[:, None] * NC + cols.to(IDX)[None, :], dlogit.to(g_ptr.dtype.element_ty),
                  mask=ok)
         part = part_ptr + 2 * (pid_r * tl.num_programs(1) + pid_c)
-        tl.store(part, tl.sum(tl.sum(dlogit * dots, axis=1), axis=0))
+        tl.store(part, tl.sum(tl.sum(tl.where(ok, dlogit * dots, 0.0), axis=1), axis=0))  # see the grad kernel
         tl.store(part + 1, tl.sum(tl.sum(dlogit, axis=1), axis=0))
 
 
@@ -491,14 +494,15 @@ def _stripes_block_backward(grad, x, y, logit_scale, logit_bias, row_groups, col
     """dX = t G Y, dY = t G^T X by row stripes: per stripe G from S = X_s Y^T, then
     dX_s = G Y and dY += G^T X_s (fixed stripe order), all accumulated in float32 (float64).
 
-    Off the CPU (CUDA; meta for the compile check) the products take the input dtype (tensor
-    cores, fp32 accumulation and output) and G is written in it, as the fused kernel does; on
-    CPU everything runs in the compute dtype.
+    On CUDA (and meta, for the compile check) the products take the input dtype (tensor cores,
+    fp32 accumulation and output) and G is written in it, as the fused kernel does; elsewhere, and
+    on torch releases without ``torch.mm(..., out_dtype=)``, everything runs in the compute dtype.
     1/B, t and the upstream gradient are applied to the sums, so fp16 G cannot underflow.
     dY's update runs over column chunks so that its fp32 product is a bounded temporary.
     """
     acc = _compute_dtype(x.dtype)
-    mm_dtype = acc if x.device.type == "cpu" else x.dtype
+    half_products = x.device.type in ("cuda", "meta") and _MM_HAS_OUT_DTYPE  # torch.mm(out_dtype=) kernels
+    mm_dtype = x.dtype if half_products else acc
     x_m, y_m = x.to(mm_dtype), y.to(mm_dtype)
     dx = torch.empty(x.shape, dtype=acc, device=x.device)
     dy = torch.zeros(y.shape, dtype=acc, device=x.device)
@@ -682,7 +686,8 @@ def _unit_stride(group_ids: torch.Tensor | None) -> torch.Tensor | None:
 # world_size times its contribution: after the usual DDP averaging of gradients (all_reduce
 # sum / world_size) they equal the single-process gradients. Embedding gradients reaching a
 # rank's encoders are world_size * dL/d(embedding), which that same averaging cancels.
-# Local batches must have equal sizes on every rank; group ids must be global labels.
+# Local batches must have equal sizes on every rank (checked: one tiny all-gather per call);
+# group ids must be global labels.
 # ----------------------------------------------------------------------------------------
 def _world(group):
     if not (dist.is_available() and dist.is_initialized()):
@@ -700,6 +705,15 @@ def _gather_rows_no_grad(t: torch.Tensor, group) -> torch.Tensor:
     out = t.new_empty((world * t.shape[0], *t.shape[1:]))
     _all_gather_rows(out, t.contiguous(), group=group)
     return out
+
+
+def _check_equal_local_batches(x: torch.Tensor, group) -> None:
+    """Raise on every rank if the local batch sizes differ (a gather or ring step would abort or
+    read rows that are not there). One tiny all-gather and a host sync per call."""
+    sizes = _gather_rows_no_grad(torch.tensor([x.shape[0]], device=x.device), group).tolist()
+    if len(set(sizes)) > 1:
+        raise ValueError(f"x must hold the same number of rows on every rank of the group; got local batch "
+                         f"sizes {sizes} (rank order)")
 
 
 class _GatherRows(torch.autograd.Function):
@@ -729,6 +743,7 @@ def siglip_loss_gather(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tens
     """
     check_siglip_args(x, y, logit_scale, logit_bias, group_ids)
     world, rank = _world(group)
+    _check_equal_local_batches(x, group)
     backend = resolve_backend(backend, x.device)
     backward_impl = resolve_backward_impl(backward_impl, backend, x.shape[1], x.shape[0] ** 2 * world)
     n_local = x.shape[0]
@@ -822,6 +837,7 @@ def siglip_loss_ring(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor
     """
     check_siglip_args(x, y, logit_scale, logit_bias, group_ids)
     _world(group)
+    _check_equal_local_batches(x, group)
     backend = resolve_backend(backend, x.device)
     backward_impl = resolve_backward_impl(backward_impl, backend, x.shape[1], x.shape[0] ** 2)  # per ring step
     return _RingSigLIPFunction.apply(x, y, logit_scale, logit_bias, _unit_stride(group_ids), group, backend,

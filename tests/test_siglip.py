@@ -377,6 +377,23 @@ def test_nan_propagates_like_reference(impl):
     assert torch.isnan(got[0]) and torch.isnan(got[1][7]).all() and not torch.isnan(got[1][8]).any()
 
 
+@pytest.mark.usefixtures("small_stripes")
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_inf_embedding_gives_the_references_infinities(impl):
+    """+inf in one row makes every G <x, y> term of that row +inf (positive pair included), so
+    d logit_scale is +inf, not NaN: B = 37 leaves a partial tile whose padded pairs must not add
+    inf * 0."""
+    x, y = torch.full((37, 4), 0.5), torch.full((37, 4), 0.5)
+    x[5, 0], y[5, 0] = float("inf"), -0.5
+    scale, bias = _params(0.0, -1.0)
+    backend, backward_impl = IMPLS[impl]
+    got = _loss_and_grads(siglip_loss, x, y, scale, bias, backend=backend, backward_impl=backward_impl)
+    want = _loss_and_grads(siglip_loss_reference, x, y, scale, bias)
+    assert want[0] == want[3] == float("inf")
+    assert got[0] == got[3] == float("inf")
+    torch.testing.assert_close(got[4], want[4])
+
+
 def _bad_inputs():
     x, y = _embeddings(6, 4)
     s, b = _params(1.0, -1.0)
@@ -386,7 +403,9 @@ def _bad_inputs():
         ((x, y[:, :3], s, b, None), ValueError, r"y must have the shape of x, \(B=6, d=4\); got \(6, 3\)"),
         ((x, y.double(), s, b, None), TypeError, r"y has dtype torch.float64 but x has dtype torch.float32"),
         ((x.long(), y.long(), s, b, None), TypeError, r"x must be float16, bfloat16, float32 or float64"),
-        ((x[:0], y[:0], s, b, None), ValueError, r"x must have at least one row"),
+        ((x[:0], y[:0], s, b, None), ValueError, r"x must have at least one row and one feature, shape "
+                                                  r"\(B >= 1, d >= 1\); got shape \(0, 4\)"),
+        ((x[:, :0], y[:, :0], s, b, None), ValueError, r"x must have at least one row and one feature"),
         ((x, y, s.reshape(1), b, None), ValueError, r"logit_scale must be a 0-dim tensor \(shape \(\)\); got shape \(1,\)"),
         ((x, y, 1.0, b, None), TypeError, r"logit_scale must be a 0-dim floating-point tensor"),
         ((x, y, s, b.reshape(1, 1), None), ValueError, r"logit_bias must be a 0-dim tensor \(shape \(\)\); got shape \(1, 1\)"),

@@ -19,8 +19,8 @@ import torch.multiprocessing as mp
 from dcformer_kernels import SigLIPLoss, siglip_loss_reference
 
 BATCH, FEATURES, DIM = 60, 12, 20  # 60 rows split evenly over 2 and 3 ranks
-CASES = [(mode, backend, grouped) for mode in ("gather", "ring") for backend in ("torch", "triton")
-         for grouped in (False, True)]
+CASES = [(mode, backend, grouped, impl) for mode in ("gather", "ring") for grouped in (False, True)
+         for backend, impl in (("torch", "auto"), ("triton", "fused"), ("triton", "stripes"))]
 
 
 def _global_inputs():
@@ -36,7 +36,7 @@ def _embed(projection, features):
     return torch.nn.functional.normalize(features @ projection.T, dim=1)
 
 
-def _run_case(rank, world, mode, backend, grouped):
+def _run_case(rank, world, mode, backend, grouped, backward_impl):
     images, texts, projection, group_ids = _global_inputs()
     rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     projection = projection.clone().requires_grad_()
@@ -44,7 +44,8 @@ def _run_case(rank, world, mode, backend, grouped):
     y = _embed(projection, texts[rows])
     x.retain_grad()
     y.retain_grad()
-    criterion = SigLIPLoss(init_logit_scale=1.2, init_logit_bias=-3.0, dist_impl=mode, backend=backend)
+    criterion = SigLIPLoss(init_logit_scale=1.2, init_logit_bias=-3.0, dist_impl=mode, backend=backend,
+                           backward_impl=backward_impl)
     loss = criterion(x, y, group_ids[rows] if grouped else None)
     loss.backward()
 
@@ -73,6 +74,14 @@ def _worker(rank, world, port, out_path):
                             timeout=timedelta(seconds=120))
     try:
         results = {case: _run_case(rank, world, *case) for case in CASES}
+        results["world"] = world
+        for mode in ("gather", "ring"):  # local batches of 4, 5, ... rows: every rank must raise
+            x = torch.randn(4 + rank, 8)
+            try:
+                SigLIPLoss(dist_impl=mode, backend="torch")(x, x)
+                results["unequal", mode] = None
+            except ValueError as err:
+                results["unequal", mode] = str(err)
         if rank == 0:
             torch.save(results, out_path)
         dist.barrier()  # no rank tears gloo down while a peer still talks to it (seen: SIGABRT, world 3)
@@ -109,10 +118,19 @@ def _single_process(grouped):
             "d_logit_scale": scale.grad, "d_logit_bias": bias.grad}
 
 
-@pytest.mark.parametrize("mode,backend,grouped", CASES)
-def test_distributed_equals_single_process(dist_results, mode, backend, grouped):
-    got = dist_results[mode, backend, grouped]
+@pytest.mark.parametrize("mode,backend,grouped,backward_impl", CASES)
+def test_distributed_equals_single_process(dist_results, mode, backend, grouped, backward_impl):
+    got = dist_results[mode, backend, grouped, backward_impl]
     want = _single_process(grouped)
     for name, expected in want.items():
         atol = 2e-6 * max(expected.abs().max().item(), 1e-30)
         torch.testing.assert_close(got[name], expected, rtol=2e-5, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["gather", "ring"])
+def test_unequal_local_batches_are_refused(dist_results, mode):
+    """A rank whose local batch differs would make the collectives abort (gloo) or read rows that
+    are not there; every rank gets a ValueError naming the sizes instead (rank 0's is kept)."""
+    sizes = ", ".join(str(4 + r) for r in range(dist_results["world"]))
+    assert dist_results["unequal", mode] == (f"x must hold the same number of rows on every rank of the group; "
+                                             f"got local batch sizes [{sizes}] (rank order)")
