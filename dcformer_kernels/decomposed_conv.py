@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.utils.flop_counter
+from torch.autograd.function import once_differentiable
 
 from ._dispatch import HAS_TRITON, cdiv, launch_directly, next_power_of_2, resolve_backend, triton_interpreting
 from ._dispatch import acc_dtype as _acc_dtype
@@ -775,6 +776,7 @@ class DecomposedConv3dFunction(torch.autograd.Function):
         return torch.ops.dcformer_kernels.decomposed_conv3d(x, weight_d, weight_h, weight_w, bias, stride)
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients have no graph: a second derivative raises
     def backward(ctx, grad):
         x, weight_d, weight_h, weight_w = ctx.saved_tensors
         if launch_directly(x):

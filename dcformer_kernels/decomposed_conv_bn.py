@@ -24,6 +24,7 @@ blocks); other strides use the unfused module path.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._dispatch import HAS_TRITON, launch_directly, next_power_of_2
 from .decomposed_conv import (
@@ -267,6 +268,7 @@ def _triton_bn_stats(x, weight_d, weight_h, weight_w):
 def _bn_stats_op(x: torch.Tensor, weight_d: torch.Tensor, weight_h: torch.Tensor,
                  weight_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-branch batch mean and biased variance of K_b x, each (3, C) float64."""
+    check_decomposed_conv3d_args(x, weight_d, weight_h, weight_w, None, 1)  # the op is public too
     return _triton_bn_stats(x, weight_d, weight_h, weight_w)
 
 
@@ -304,6 +306,10 @@ def _bn_backward_op(grad: torch.Tensor, x: torch.Tensor, weight_d: torch.Tensor,
                     weight_w: torch.Tensor, gamma: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx, dweight_d/h/w, dgamma (3, C), dbeta (3, C) of the training-mode fused unit."""
+    check_decomposed_conv3d_args(x, weight_d, weight_h, weight_w, None, 1)  # the op is public too
+    if grad.shape != x.shape:
+        raise ValueError(f"grad must have the shape of x, {tuple(x.shape)}; got {tuple(grad.shape)}")
+    _check_branch_params(x, gamma=gamma, mean=mean, std=std)
     return _triton_bn_backward(grad, x, weight_d, weight_h, weight_w, gamma, mean, std)
 
 
@@ -334,6 +340,7 @@ class DecomposedConv3dBatchNormFunction(torch.autograd.Function):
         return y, mean, var
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients have no graph: a second derivative raises
     def backward(ctx, grad, _grad_mean, _grad_var):
         x, weight_d, weight_h, weight_w, gamma, mean, std = ctx.saved_tensors
         args = (grad, x, weight_d, weight_h, weight_w, gamma, mean, std)
@@ -342,6 +349,16 @@ class DecomposedConv3dBatchNormFunction(torch.autograd.Function):
         else:
             dx, dwd, dwh, dww, dgamma, dbeta = torch.ops.dcformer_kernels.decomposed_conv3d_bn_backward(*args)
         return dx, dwd, dwh, dww, dgamma, dbeta, None
+
+
+def _check_branch_params(x, **params) -> None:
+    """Per-branch (3, C) tensors on x's device."""
+    for name, t in params.items():
+        if not isinstance(t, torch.Tensor) or t.shape != (3, x.shape[1]):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a tensor of shape (3, C={x.shape[1]}), one row per branch; got {got}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
 def decomposed_conv3d_batchnorm_train(x, weight_d, weight_h, weight_w, gamma, beta, eps: float = 1e-5):
@@ -355,8 +372,6 @@ def decomposed_conv3d_batchnorm_train(x, weight_d, weight_h, weight_w, gamma, be
         (float64; for the running statistics).
     """
     check_decomposed_conv3d_args(x, weight_d, weight_h, weight_w, None, 1)
-    if gamma.shape != (3, x.shape[1]) or beta.shape != (3, x.shape[1]):
-        raise ValueError(f"gamma and beta must have shape (3, C={x.shape[1]}); got {tuple(gamma.shape)} "
-                         f"and {tuple(beta.shape)}")
+    _check_branch_params(x, gamma=gamma, beta=beta)
     return DecomposedConv3dBatchNormFunction.apply(x, weight_d, weight_h, weight_w, gamma, beta, eps)
 

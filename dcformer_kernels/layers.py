@@ -22,12 +22,20 @@ def _triple(kernel_size) -> tuple[int, int, int]:
     return ks
 
 
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves float64 alone
+
+
 def _autocast(x: torch.Tensor, tensors: list) -> tuple[torch.Tensor, list]:
-    """Under autocast, run the fused op in the autocast dtype, as nn.Conv3d would."""
+    """Under autocast, run the fused op in the autocast dtype, as nn.Conv3d would: floating
+    tensors other than float64 are cast."""
     if not torch.is_autocast_enabled(x.device.type):
         return x, tensors
     dtype = torch.get_autocast_dtype(x.device.type)
-    return x.to(dtype), [None if t is None else t.to(dtype) for t in tensors]
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.dtype in _AUTOCAST_ELIGIBLE else t
+
+    return cast(x), [cast(t) for t in tensors]
 
 
 class DecomposedConv3d(nn.Module):
@@ -46,6 +54,10 @@ class DecomposedConv3d(nn.Module):
       A branch conv's bias cancels in its BatchNorm: the fused path leaves it out of the graph, so
       its ``.grad`` stays None (the unfused form gives zeros; an optimizer then skips it, weight
       decay included). Pass ``bias=False`` with ``norm="batch"`` to have no such parameter.
+      Each BatchNorm's own mode decides, as in nn.BatchNorm3d: batch statistics where
+      ``bn.training`` or it keeps no running statistics (``track_running_stats=False``), running
+      statistics otherwise; branches that disagree (e.g. ``layer.norms.eval()`` inside a training
+      model, to freeze them) run the unfused form.
 
     Parameters are stored as three ``nn.Conv3d`` (``branches.0/1/2`` along D/H/W) and, with
     ``norm="batch"``, three ``nn.BatchNorm3d`` (``norms.0/1/2``), so state dicts map one to one
@@ -80,12 +92,14 @@ class DecomposedConv3d(nn.Module):
     def depthwise(self) -> bool:
         return self.groups == self.in_channels == self.out_channels
 
-    def _norms_use_batch_stats(self) -> bool:
-        return self.norms is not None and (self.training or not all(bn.track_running_stats for bn in self.norms))
+    def _branches_use_batch_stats(self) -> set[bool]:
+        """Per BatchNorm, whether it normalises with this batch's statistics (nn.BatchNorm3d's rule)."""
+        return {bn.training or bn.running_mean is None for bn in self.norms}
 
     def _fused_training_applies(self, x: torch.Tensor) -> bool:
-        """Batch-statistics BN on the fused kernels: depthwise, stride 1, affine BNs, Triton available."""
-        return (self.depthwise and self.stride == 1 and all(bn.affine for bn in self.norms)
+        """Batch-statistics BN on the fused kernels: depthwise, stride 1, affine BNs, Triton
+        available, a non-empty batch (an empty one takes nn.BatchNorm3d's own path)."""
+        return (self.depthwise and self.stride == 1 and x.numel() > 0 and all(bn.affine for bn in self.norms)
                 and len({bn.eps for bn in self.norms}) == 1 and resolve_backend(self.backend, x.device) == "triton")
 
     def _fused_batchnorm_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,9 +147,10 @@ class DecomposedConv3d(nn.Module):
         if x.dim() != 5 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"DecomposedConv3d expects x of shape (N, {self.in_channels}, D, H, W); got {tuple(x.shape)}")
-        if self._norms_use_batch_stats():
-            if self._fused_training_applies(x):
-                return self._fused_batchnorm_forward(x)
+        batch_stats = self._branches_use_batch_stats() if self.norms is not None else {False}
+        if batch_stats == {True} and self._fused_training_applies(x):
+            return self._fused_batchnorm_forward(x)
+        if True in batch_stats:
             return sum(bn(conv(x)) for conv, bn in zip(self.branches, self.norms))
         weights, bias = self.folded_parameters()
         if self.depthwise:
@@ -147,16 +162,25 @@ class DecomposedConv3d(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> "DecomposedConv3d":
-        """An equivalent inference module (norm=None) with eval-mode BN folded into the convs."""
+        """An equivalent inference module (norm=None) with eval-mode BN folded into the convs.
+
+        Folds the running statistics, so every BatchNorm must keep them (``track_running_stats``).
+        """
+        if self.norms is not None:
+            for i, bn in enumerate(self.norms):
+                if bn.running_mean is None:
+                    raise ValueError(f"fuse() folds running statistics, but norms.{i} keeps none "
+                                     f"(track_running_stats=False): its output depends on each batch")
+        weight = self.branches[0].weight
         fused = DecomposedConv3d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.groups,
-                                 bias=True, norm=None, backend=self.backend)
+                                 bias=True, norm=None, backend=self.backend).to(device=weight.device, dtype=weight.dtype)
         weights, bias = self.folded_parameters()
         for conv, w in zip(fused.branches, weights):
             conv.weight.copy_(w)
             conv.bias.zero_()
         if bias is not None:
             fused.branches[0].bias.copy_(bias)
-        return fused.to(device=self.branches[0].weight.device, dtype=self.branches[0].weight.dtype).eval()
+        return fused.eval()
 
     def extra_repr(self) -> str:
         norm = "batch" if self.norms is not None else None

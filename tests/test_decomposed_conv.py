@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -478,6 +479,72 @@ def test_layer_follows_autocast():
         y = layer(x)
     assert y.dtype == torch.bfloat16
     assert rel_err(y, layer(x)) <= 2e-2
+
+
+def test_layer_autocast_leaves_float64_alone():
+    """Autocast never casts float64 (nor does it for nn.Conv3d)."""
+    layer = DecomposedConv3d(4, 4, 3, groups=4, backend="torch").double()
+    x = torch.randn(1, 4, 5, 6, 7, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
+
+
+def _hand_built(layer):
+    """The layer's branches as plain nn modules (shares the parameters and buffers)."""
+    return lambda x: sum(bn(conv(x)) for conv, bn in zip(layer.branches, layer.norms))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("case", ["frozen norms", "one norm without running stats"])
+def test_layer_follows_each_batchnorms_own_mode(case, stride):
+    """nn.BatchNorm3d's rule per branch: batch statistics where bn.training or no running stats."""
+    torch.manual_seed(13)
+    layer = DecomposedConv3d(4, 4, 3, stride=stride, groups=4, norm="batch")
+    _randomise_bn(layer)
+    if case == "frozen norms":
+        layer.train()
+        layer.norms.eval()
+    else:
+        layer.norms[1] = nn.BatchNorm3d(4, track_running_stats=False)
+        layer.eval()
+    x = torch.randn(2, 4, 5, 6, 7)
+    torch.testing.assert_close(layer(x), _hand_built(copy.deepcopy(layer))(x), rtol=1e-5, atol=1e-5)
+    if case == "one norm without running stats":
+        with pytest.raises(ValueError, match=r"fuse\(\) folds running statistics, but norms.1 keeps none"):
+            layer.fuse()
+
+
+def test_layer_empty_batch_in_training_behaves_like_batchnorm3d():
+    layer = DecomposedConv3d(4, 4, 3, groups=4, norm="batch").train()
+    reference = copy.deepcopy(layer)
+    x = torch.randn(0, 4, 5, 6, 7)
+    y = layer(x)
+    assert y.shape == (0, 4, 5, 6, 7)
+    _hand_built(reference)(x)
+    for got, want in zip(layer.buffers(), reference.buffers()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_fuse_keeps_float64():
+    torch.manual_seed(14)
+    layer = DecomposedConv3d(4, 4, (3, 5, 3), groups=4, norm="batch").double()
+    _randomise_bn(layer)
+    layer.eval()
+    x = torch.randn(1, 4, 5, 6, 7, dtype=torch.float64)
+    fused = layer.fuse()
+    assert fused.branches[0].weight.dtype == torch.float64
+    torch.testing.assert_close(fused(x), layer(x), rtol=1e-12, atol=1e-12)
+
+
+def test_second_derivatives_raise_instead_of_dropping_terms():
+    """The kernels' backward has no graph of its own; a gradient penalty must fail loudly."""
+    x, weights, bias = make_inputs((1, 3, 4, 5, 6), (3, 3, 3))
+    y = decomposed_conv3d(x, *weights, bias, backend="triton")
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        dx.square().sum().backward()
 
 
 def test_layer_rejects_wrong_channels():

@@ -111,8 +111,20 @@ def test_backward_is_bitwise_deterministic():
 def test_bad_arguments():
     x = torch.randn(1, 3, 4, 4, 4)
     ws = [torch.randn(3, 3) for _ in range(3)]
-    with pytest.raises(ValueError, match=r"gamma and beta must have shape \(3, C=3\); got \(3,\)"):
+    with pytest.raises(ValueError, match=r"gamma must be a tensor of shape \(3, C=3\), one row per branch; got \(3,\)"):
         bn_op.decomposed_conv3d_batchnorm_train(x, *ws, torch.ones(3), torch.zeros(3, 3))
+    # the registered ops are public too: weights for 2 channels against x with 3 must not read out of bounds
+    small = [w[:2] for w in ws]
+    with pytest.raises(ValueError, match=r"weight_d must have shape \(C=3, k\)"):
+        torch.ops.dcformer_kernels.decomposed_conv3d_bn_stats(x, *small)
+    per_branch = torch.ones(3, 3)
+    with pytest.raises(ValueError, match=r"weight_d must have shape \(C=3, k\)"):
+        torch.ops.dcformer_kernels.decomposed_conv3d_bn_backward(x, x, *small, per_branch, per_branch, per_branch)
+    with pytest.raises(ValueError, match=r"std must be a tensor of shape \(3, C=3\)"):
+        torch.ops.dcformer_kernels.decomposed_conv3d_bn_backward(x, x, *ws, per_branch, per_branch, per_branch[:2])
+    with pytest.raises(ValueError, match=r"grad must have the shape of x"):
+        torch.ops.dcformer_kernels.decomposed_conv3d_bn_backward(x[:, :, :2], x, *ws, per_branch, per_branch,
+                                                                  per_branch)
     layer = _layer(3, 3)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         layer(torch.randn(1, 3, 1, 1, 1))
