@@ -9,9 +9,9 @@ one 340 s call overran, bench/results/gpu_runs.md). So:
    when installed) beside ``--compile-only`` runs of every benchmark, one process per stage, size or
    model, which call each kernel once and fill Triton's and Inductor's on-disk caches;
 2. time, one process at a time on an otherwise idle GPU: ``bench.bench_conv`` (batch 2, then 8),
-   ``bench.bench_siglip`` (all sizes), the model suite (``bench.run_all --gpu``), the tile sweep
-   (``bench.tune_conv``); ``--benchmarks`` picks which. Before them, ``bench.host_overhead``
-   (host time per call of tiny fused-conv calls). Each has a share of what is left, stops
+   ``bench.bench_siglip`` (all sizes), the model suite (``bench.run_all --gpu``), the tile sweeps
+   (``bench.tune_conv``, ``bench.tune_siglip``); ``--benchmarks`` picks which. Before them,
+   ``bench.host_overhead`` (host time per call of tiny fused-conv calls). Each has a share of what is left, stops
    starting new cases at its share and writes its CSV as it goes; a process still running at its
    hard limit gets SIGTERM, then SIGKILL (its whole process group).
 
@@ -41,7 +41,7 @@ class Job:
     argv: list[str]
 
 
-BENCHMARKS = ("conv", "siglip", "models", "tune")
+BENCHMARKS = ("conv", "siglip", "models", "tune", "tune_siglip")
 
 
 def _compile_jobs(work: Path, benchmarks, models) -> list[Job]:
@@ -69,6 +69,10 @@ def _compile_jobs(work: Path, benchmarks, models) -> list[Job]:
             for fmt in ("ncdhw", "cl"):
                 jobs.append(Job(f"compile tune stage {stage} {fmt}", [PY, "-m", "bench.tune_conv", "--compile-only",
                                                                       "--stages", str(stage), "--formats", fmt]))
+    if "tune_siglip" in benchmarks:
+        for k in range(4):
+            jobs.append(Job(f"compile tune_siglip {k}", [PY, "-m", "bench.tune_siglip", "--compile-only",
+                                                         "--shard", f"{k}/4"]))
     if "models" in benchmarks:
         for dtype in ("bfloat16", "float32"):
             jobs.append(Job(f"compile models {dtype}",
@@ -85,6 +89,7 @@ def _timed_jobs(work: Path, benchmarks, models) -> list[tuple[Job, float]]:
         "models": (Job("bench models", [PY, "-m", "bench.run_all", "--gpu", "--no-progress", "--out", str(work)]
                        + (["--models", *models] if models else [])), 1.0),
         "tune": (Job("bench tune", [PY, "-m", "bench.tune_conv", "--out", str(work)]), 0.5),
+        "tune_siglip": (Job("bench tune_siglip", [PY, "-m", "bench.tune_siglip", "--out", str(work)]), 0.5),
     }
     timed = [jobs[name] for name in BENCHMARKS if name in benchmarks]
     if timed:  # the last one gets all that is left
@@ -196,6 +201,12 @@ def summary(work: Path, status: dict[str, str]) -> str:
             default = times[0]  # the first candidate is _tile_config's choice
             lines.append(f"tune {inp} {mode}: best {best['variant']} {best['value']} ms "
                          f"(default {default['variant']} {default['value']} ms)")
+    tune_siglip = [r for r in _rows(work / "tune_siglip.csv") if r["metric"] == "time" and _is_number(r["value"])]
+    for inp, kernel in dict.fromkeys((r["input"], r["backend"]) for r in tune_siglip):
+        times = [r for r in tune_siglip if (r["input"], r["backend"]) == (inp, kernel)]
+        best, default = min(times, key=lambda r: float(r["value"])), times[0]  # the first is _tile_config's
+        lines.append(f"tune_siglip {inp} {kernel}: best {best['variant']} {best['value']} ms "
+                     f"(default {default['variant']} {default['value']} ms)")
     models = _rows(work / "models_gpu.csv")
     speed = [r for r in models if r["metric"] in ("speedup", "memory_ratio")]
     lines += [f"model {r['model']} {r['dtype']} {r['variant']} {r['metric']}: {r['value']}" for r in speed]

@@ -91,6 +91,19 @@ def sass_counts(compiled) -> collections.Counter:
     return counts
 
 
+def resources(compiled) -> dict:
+    """Registers per thread, spill (local) bytes per thread and dynamic shared memory per program,
+    as ptxas allocated them for the cubin (``cuobjdump -res-usage``)."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    usage = dict(re.findall(r"\b(REG|LOCAL|STACK):(\d+)", text))
+    return {"registers": int(usage["REG"]), "spill_bytes": int(usage["LOCAL"]) + int(usage["STACK"]),
+            "shared_bytes": compiled.metadata.shared}
+
+
 def summarize(counts: collections.Counter) -> dict:
     """Totals by class: all, FFMA/FMUL/FADD (fp32 math), global loads by width, stores, branches."""
     def total(pred):

@@ -138,6 +138,7 @@ class _TileConfig:
     splits: int  # forward: column ranges per row block, for enough programs when B is small
     num_warps: int
     num_stages: int
+    max_registers: int | None = None  # ptxas's per-thread cap (None: its own choice)
 
 
 def _tile_config(n_rows: int, n_cols: int, dim: int, dtype: torch.dtype, device: torch.device,
@@ -165,11 +166,14 @@ def _tile_config(n_rows: int, n_cols: int, dim: int, dtype: torch.dtype, device:
             rows, cols, feats, outs, warps, stages = 32, 32, 16, 64, 4, 1
     feats = min(feats, max(16, next_power_of_2(dim)))
     outs = min(outs, max(16, next_power_of_2(dim)))
-    splits = 1
-    if not backward:
-        row_blocks, col_blocks = cdiv(n_rows, rows), cdiv(n_cols, cols)
-        splits = max(1, min(col_blocks, cdiv(programs, row_blocks)))
+    splits = 1 if backward else _forward_splits(n_rows, n_cols, rows, cols, programs)
     return _TileConfig(rows, cols, feats, outs, splits, warps, stages)
+
+
+def _forward_splits(n_rows: int, n_cols: int, block_rows: int, block_cols: int, programs: int) -> int:
+    """Column ranges per row block so that the forward launches about ``programs`` programs."""
+    row_blocks, col_blocks = cdiv(n_rows, block_rows), cdiv(n_cols, block_cols)
+    return max(1, min(col_blocks, cdiv(programs, row_blocks)))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -378,7 +382,7 @@ def _triton_block_forward(x, y, logit_scale, logit_bias, row_groups, col_groups,
         n_rows, n_cols, dim, *x.stride(), *y.stride(), row_start, col_start, per_split,
         HAS_GROUPS=has_groups, BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, BLOCK_D=cfg.block_d,
         PREC=_dot_precision(x.dtype), ACC=_acc_dtype(x.dtype), IDX=_index_dtype(x, y),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers,
     )
     # A fixed-order reduction over programs: deterministic run to run.
     return partials.sum() * loss_scale
@@ -398,7 +402,7 @@ def _launch_grad_pass(a, b, logit_scale, logit_bias, g_scale, a_groups, b_groups
         HAS_GROUPS=has_groups, PARAM_GRADS=param_grads,
         BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, BLOCK_D=cfg.block_d, BLOCK_O=cfg.block_out,
         PREC=_dot_precision(a.dtype), ACC=_acc_dtype(a.dtype), IDX=_index_dtype(a, b, da),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers,
     )
     return da, partials
 
@@ -431,7 +435,7 @@ def _triton_stripe_grad(x_s, y, logit_scale, logit_bias, row_groups, col_groups,
         row_start + start, col_start,
         HAS_GROUPS=has_groups, BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, BLOCK_D=cfg.block_d,
         PREC=_dot_precision(x_s.dtype), ACC=_acc_dtype(x_s.dtype), IDX=_index_dtype(x_s, y, g),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers,
     )
     return g, partials.sum(dim=0)
 

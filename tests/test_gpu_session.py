@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import math
 
-from bench import common
+import torch
+
+from bench import common, tune_siglip
 from bench.common import Row, time_fn, write_csv
 from bench.gpu_session import summary
+from bench.sass_siglip import Candidate
 
 
 def _conv_rows(env):
@@ -45,3 +48,17 @@ def test_compile_only_calls_once_and_restores():
     assert not common._COMPILE_ONLY
     time_fn(lambda: calls.append(1), warmup_ms=0, min_reps=2)
     assert len(calls) > 3  # timing again: the warm-up call plus the timed ones
+
+
+def test_tune_siglip_sweep_runs_each_candidate_and_summary_names_the_best(tmp_path):
+    """The sweep's loop on the interpreter (tiny B, two candidates, one with a register cap), then
+    the session summary's line for it."""
+    candidates = [Candidate(32, 32, 16, 1, 1), Candidate(32, 64, 16, 2, 1, 1, 128)]
+    rows = tune_siglip._sweep([(48, 24)], None, ceiling=False, device="cpu", dtype=torch.float32,
+                              candidates=candidates)
+    times = [r for r in rows if r.metric == "time"]
+    assert [(r.variant, r.backend) for r in times] == [(str(c), k) for c in candidates for k in ("forward", "stripe G")]
+    assert all(r.value > 0 for r in times)
+    write_csv(rows, tmp_path / "tune_siglip.csv")
+    text = summary(tmp_path, {})
+    assert text.count("tune_siglip B=48 d=24 ") == 2 and "(default 32x32x16 w1 s1 " in text
