@@ -104,6 +104,17 @@ def resources(compiled) -> dict:
             "shared_bytes": compiled.metadata.shared}
 
 
+H100_REGISTERS_PER_SM, H100_SHARED_PER_SM, H100_WARPS_PER_SM, H100_PROGRAMS_PER_SM = 65536, 227 * 1024, 64, 32
+
+
+def programs_per_sm(res: dict, num_warps: int) -> int:
+    """Resident programs an H100 SM can hold with these ``resources``: the least of the register,
+    shared-memory, warp and block limits (registers as allocated per thread; ptxas rounds to 8)."""
+    by_registers = H100_REGISTERS_PER_SM // (res["registers"] * 32 * num_warps)
+    by_shared = H100_SHARED_PER_SM // res["shared_bytes"] if res["shared_bytes"] else H100_PROGRAMS_PER_SM
+    return min(by_registers, by_shared, H100_WARPS_PER_SM // num_warps, H100_PROGRAMS_PER_SM)
+
+
 def summarize(counts: collections.Counter) -> dict:
     """Totals by class: all, FFMA/FMUL/FADD (fp32 math), global loads by width, stores, branches."""
     def total(pred):

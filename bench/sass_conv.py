@@ -17,6 +17,9 @@ tests are counted): the tensor-core forward's recompute of cubes whose result is
 the direct backward's masked products in blocks that hold a non-finite x. Tensor-core time (HMMA
 issue) is not modelled separately. On 2026-11-27 the issue-bound model put the old
 stage-1 forward (NCDHW, bf16, k=13) at 0.17 ms against 0.19 ms measured on that H100.
+The table also gives ptxas's registers (and spill bytes) per thread and the warps an SM can hold
+with them (registers, shared memory and the 32-program limit): the model assumes enough warps
+to hide memory latency, which one-warp programs (at most 32 resident warps of 64) may not give.
 ``--sweep`` ranks the candidate tiles of ``bench.tune_conv`` by the model; the GPU tuner then
 times the few best.
 """
@@ -33,7 +36,7 @@ import dcformer_kernels.decomposed_conv_bn as dcbn
 
 from .bench_conv import GPU_SHAPES
 from .common import Row, environment, markdown_table, write_csv
-from .sass import capture_launches, compile_launch, sass_counts, summarize
+from .sass import capture_launches, compile_launch, programs_per_sm, resources, sass_counts, summarize
 
 SMS, ISSUE_PER_CLOCK, CLOCK_HZ, COPY_BYTES_PER_S = 132, 4, 1.755e9, 2.65e12
 KERNELS = {  # kernel -> (module, floor bytes per element in units of the element size)
@@ -89,7 +92,9 @@ def analyse(shape, dtype, layout, cfg=None, bn=True):
         for cold in ("RECOMPUTE", "EXACT_BLOCKS"):  # paths only blocks holding Inf/NaN take (their tests count)
             if cold in kw:
                 kw[cold] = False
-        counts = summarize(sass_counts(compile_launch(launch)))
+        compiled = compile_launch(launch)
+        counts = summarize(sass_counts(compiled))
+        res = resources(compiled)
         warps = kw["num_warps"]
         block = kw["BLOCK_C"] * (kw["T"] ** 3 if "T" in kw else kw["DT"] * kw["RH"] * kw["RW"])
         threads_per_element = 32 * warps / block
@@ -100,7 +105,8 @@ def analyse(shape, dtype, layout, cfg=None, bn=True):
                         instructions=counts["instructions"],
                         per_element=counts["instructions"] * threads_per_element,
                         loads_per_element=(counts["ldg_vector"] + counts["ldg_scalar"]) * threads_per_element,
-                        issue_us=issue_s * 1e6, floor_us=floor_s * 1e6,
+                        issue_us=issue_s * 1e6, floor_us=floor_s * 1e6, registers=res["registers"],
+                        spill_bytes=res["spill_bytes"], warps_per_sm=programs_per_sm(res, warps) * warps,
                         pct_of_copy=100 * floor_s / max(issue_s, floor_s)))
     return out
 
@@ -132,13 +138,14 @@ def main(argv=None):
                 for t in cands:
                     cfg = dc._TileConfig(*t)
                     rows = analyse(shape, dtype, layout, cfg, bn=False)
-                    direct = [r for r in rows if not r["kernel"].startswith("decomposed_conv3d_tc")]
-                    ranked.append((direct[0]["issue_us"] + direct[1]["issue_us"], direct[0]["issue_us"],
-                                   direct[1]["issue_us"], cfg))
+                    fwd, bwd = [r for r in rows if not r["kernel"].startswith("decomposed_conv3d_tc")][:2]
+                    ranked.append((fwd["issue_us"] + bwd["issue_us"], fwd, bwd, cfg))
                 ranked.sort(key=lambda r: r[0])
-                print(f"{shape} {layout}: best fwd+bwd by the issue model")
-                for total, f, b, cfg in ranked[:5]:
-                    print(f"  {_tile_label(cfg)}: fwd {f:.1f} us, bwd {b:.1f} us")
+                print(f"{shape} {layout}: fwd+bwd by the issue model (registers, resident warps / SM)")
+                for _, fwd, bwd, cfg in ranked:
+                    print(f"  {_tile_label(cfg)}: " + ", ".join(
+                        f"{name} {r['issue_us']:.1f} us ({r['registers']} regs, {r['warps_per_sm']} warps)"
+                        for name, r in (("fwd", fwd), ("bwd", bwd))))
         return
     cfg = dc._TileConfig(*map(int, args.tile.split(","))) if args.tile else None
     env = environment()
@@ -149,17 +156,19 @@ def main(argv=None):
             for r in analyse(shape, dtype, layout, cfg):
                 name = f"2x{shape[0]}x{shape[1]}x{shape[2]}x{shape[3]} k={shape[4]}"
                 lines.append([r["kernel"], layout, name, r["tiles"], f"{r['per_element']:.1f}",
-                              f"{r['loads_per_element']:.2f}", f"{r['issue_us']:.1f}", f"{r['floor_us']:.1f}",
+                              f"{r['loads_per_element']:.2f}", f"{r['registers']} / {r['spill_bytes']}",
+                              str(r["warps_per_sm"]), f"{r['issue_us']:.1f}", f"{r['floor_us']:.1f}",
                               f"{r['pct_of_copy']:.0f}%"])
-                for metric, unit in (("per_element", "SASS instr/element"), ("issue_us", "us (issue model)"),
+                for metric, unit in (("per_element", "SASS instr/element"), ("warps_per_sm", "resident warps/SM"),
+                                     ("issue_us", "us (issue model)"),
                                      ("floor_us", "us (bandwidth floor)"), ("pct_of_copy", "% of copy (model)")):
                     rows.append(Row(r["kernel"], f"{layout} {r['tiles']}", name, args.dtype, "triton",
                                     metric, round(r[metric], 2), unit, env=env))
                 print(" | ".join(lines[-1]), flush=True)
     suffix = "" if args.dtype == "bfloat16" else f"_{args.dtype}"
     write_csv(rows, args.out / f"sass_conv{suffix}.csv")
-    header = ["kernel", "layout", "input", "tiles", "SASS instr / element", "loads / element", "issue model us",
-              "bandwidth floor us", "model % of copy"]
+    header = ["kernel", "layout", "input", "tiles", "SASS instr / element", "loads / element",
+              "registers / spill B", "resident warps / SM", "issue model us", "bandwidth floor us", "model % of copy"]
     (args.out / f"sass_conv{suffix}.md").write_text(markdown_table(
         f"Decomposed conv kernels, {args.dtype}: static SASS model for an H100 (not a measurement)",
         header, lines, env))

@@ -29,10 +29,9 @@ import torch
 import dcformer_kernels.siglip as sg
 from dcformer_kernels._dispatch import cdiv, next_power_of_2
 
-from .sass import capture_launches, compile_launch, resources, sass_counts, summarize
+from .sass import capture_launches, compile_launch, programs_per_sm, resources, sass_counts, summarize
 
 SMS = 132
-REGISTERS_PER_SM, SHARED_PER_SM, WARPS_PER_SM = 65536, 227 * 1024, 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +111,7 @@ def sweep(dim: int = 768) -> list[str]:
     for cand in SWEEP:
         compiled = compile_launch(forward_launch(16384, dim, candidate=cand))
         res = resources(compiled)
-        threads = 32 * cand.warps
-        per_sm = min(REGISTERS_PER_SM // (res["registers"] * threads), SHARED_PER_SM // max(res["shared_bytes"], 1),
-                     WARPS_PER_SM // cand.warps)
+        per_sm = programs_per_sm(res, cand.warps)
         intensity = cand.rows * cand.cols / (cand.rows + cand.cols)  # 2 R C F FLOPs over 2 (R + C) F bytes
         waves = []
         for batch in (16384, 32768, 65536):
