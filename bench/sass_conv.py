@@ -84,7 +84,6 @@ def analyse(shape, dtype, layout, cfg=None, bn=True):
     tile_fn = (lambda *a, **kw: cfg) if cfg else dc._tile_config
     with mock.patch.object(dc, "_tile_config", tile_fn), mock.patch.object(dcbn, "_tile_config", tile_fn):
         launches, x = _launches(c, d, h, w, k, dtype, layout, bn)
-        tiles = tile_fn(x, h, w, d)
     out = []
     for launch in launches:
         name = launch.kernel.fn.__name__
@@ -101,7 +100,8 @@ def analyse(shape, dtype, layout, cfg=None, bn=True):
         issue_s = counts["instructions"] * warps * launch.grid[0] * launch.grid[1] / (ISSUE_PER_CLOCK * SMS * CLOCK_HZ)
         floor_s = KERNELS[name][1] * x.numel() * x.element_size() / COPY_BYTES_PER_S
         out.append(dict(kernel=name.strip("_").replace("_kernel", ""),
-                        tiles=f"cube {kw['T']} x C{kw['BLOCK_C']} w{warps}" if "T" in kw else _tile_label(tiles),
+                        tiles=(f"cube {kw['T']} x C{kw['BLOCK_C']} w{warps}" if "T" in kw  # as launched
+                               else f"C{kw['BLOCK_C']} D{kw['DT']} H{kw['RH']} W{kw['RW']} w{warps}"),
                         instructions=counts["instructions"],
                         per_element=counts["instructions"] * threads_per_element,
                         loads_per_element=(counts["ldg_vector"] + counts["ldg_scalar"]) * threads_per_element,

@@ -23,6 +23,8 @@ blocks); other strides use the unfused module path.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -228,10 +230,14 @@ def _transpose_tables(weights, lengths, dtype: torch.dtype) -> list[torch.Tensor
     return tables
 
 
-def _launch(kernel, x, tensors, strides, n_cols, extra_constexpr=None):
-    """Run one of the block kernels over x's positions; returns per-program partials (P, n_cols, C)."""
+def _launch(kernel, x, tensors, strides, n_cols, extra_constexpr=None, max_d_tile=None):
+    """Run one of the block kernels over x's positions; returns per-program partials (P, n_cols, C).
+
+    ``max_d_tile`` caps the conv tiles' D planes per program (fewer live values per thread)."""
     n, c, d, h, w = x.shape
     cfg = _tile_config(x, h, w, d)
+    if max_d_tile is not None and cfg.d_tile > max_d_tile:
+        cfg = dataclasses.replace(cfg, d_tile=max_d_tile)
     grid, (n_db, n_hb, n_wb) = _grid(n, d, h, w, c, cfg)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     partials = torch.empty((grid[0], n_cols, c), dtype=acc, device=x.device)
@@ -294,8 +300,12 @@ def _triton_bn_backward(grad, x, weight_d, weight_h, weight_w, gamma, mean, std)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     tables = _transpose_tables(weights, x.shape[2:], acc)
+    # One D plane per program: with the conv's two, ptxas spills the dx kernel (255 registers and
+    # 0.3-2 KB of local memory a thread at DCFormer's stages); with one, NCDHW needs no spills and
+    # ~5 % fewer instructions per element, channels-last a quarter of the spills for the same count
+    # (bench/conv_notes.md, static model for sm_90; not yet timed on a GPU).
     partials = _launch(_bn_dx_kernel, x, (x, grad, *weights, *tables, coef.to(acc).contiguous(), dx),
-                       (*strides, *dx.stride()), kd + kh + kw, dict(KD=kd, KH=kh, KW=kw))
+                       (*strides, *dx.stride()), kd + kh + kw, dict(KD=kd, KH=kh, KW=kw), max_d_tile=1)
     dw = _weight_grads(partials, (kd, kh, kw), x.dtype)
     dbeta = sum_g.expand(3, -1)
     return (dx, *dw, dgamma.to(gamma.dtype), dbeta.to(gamma.dtype).contiguous())
