@@ -59,7 +59,8 @@ def _sweep(shapes, budget_s, ceiling=True, device="cuda", dtype=torch.bfloat16, 
     ceiling = matmul_tflops(device, dtype) if ceiling else float("nan")
     sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 1
     label = str(dtype).replace("torch.", "")
-    rows = [Row("siglip", f"matmul_{8192 if device == 'cuda' else 1024}", "ceiling", label, "torch", "tflops", ceiling, "TFLOP/s", env=env)]
+    matmul = f"matmul_{8192 if device == 'cuda' else 1024}"
+    rows = [Row("siglip", matmul, "ceiling", label, "torch", "tflops", ceiling, "TFLOP/s", env=env)]
     started = time.perf_counter()
     for batch, dim in shapes:
         name = f"B={batch} d={dim}"

@@ -173,7 +173,8 @@ class DecomposedConv3d(nn.Module):
                                      f"(track_running_stats=False): its output depends on each batch")
         weight = self.branches[0].weight
         fused = DecomposedConv3d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.groups,
-                                 bias=True, norm=None, backend=self.backend).to(device=weight.device, dtype=weight.dtype)
+                                 bias=True, norm=None, backend=self.backend)
+        fused = fused.to(device=weight.device, dtype=weight.dtype)  # before the copies: no float32 round trip
         weights, bias = self.folded_parameters()
         for conv, w in zip(fused.branches, weights):
             conv.weight.copy_(w)
