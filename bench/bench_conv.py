@@ -4,6 +4,8 @@ GPU: DCFormer's stage shapes at batch 2 and 8, bf16 and fp32; forward, backward 
   fused (Triton) | three nn.Conv3d + adds, NCDHW (a) | the same in channels_last_3d (b) |
   one dense k^3 depthwise Conv3d (c, forward only) | torch.compile of the reference (d),
   with torch.clone(x) as the bandwidth yardstick. GB/s counts the floor bytes (see conv_notes.md).
+  Forward+backward of the fused op and of (a), (b) also replayed from CUDA graphs (no host time
+  per call: what torch.compile(mode="reduce-overhead") or a captured training step gives).
 CPU: the CPU path (backend="torch") against three nn.Conv3d + adds at small sizes.
 
     python -m bench.bench_conv [--out bench/results] [--quick] [--stages 1 3] [--dtypes bfloat16] [--budget-s S]
@@ -134,6 +136,8 @@ def _run(out_dir, quick, stages, dtypes, batches, budget_s, compile_only) -> Pat
                     except torch.OutOfMemoryError:
                         rows.append(Row("decomposed_conv3d", variant, name, dt, "forward", "time", "OOM", "", env=env))
                         torch.cuda.empty_cache()
+                if gpu and not compile_only:
+                    rows += _graphed_rows(steps, name, dt, env)
                 if not compile_only:  # after every case: a cut-off run still leaves its numbers
                     rows += _speedups(both, steps, name, dt, env)
                     _write_report(rows, out_dir, gpu)
@@ -149,6 +153,50 @@ def _run(out_dir, quick, stages, dtypes, batches, budget_s, compile_only) -> Pat
                 if not compile_only:
                     _write_report(rows, out_dir, gpu)
     return out_dir / f"{'conv_gpu' if gpu else 'conv_cpu'}.csv"
+
+
+GRAPHED = " (CUDA graph)"
+
+
+def _graphed(call):
+    """``call`` captured in a CUDA graph (after a warm-up on a side stream, as capture requires);
+    returns the graph's replay: the same GPU work without the host's per-call time."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay
+
+
+def _graphed_rows(steps: dict, name: str, dt: str, env: dict) -> list[Row]:
+    """Forward+backward of the fused op and of three Conv3d replayed from CUDA graphs (what
+    torch.compile(mode="reduce-overhead") or a captured training step gives): at the small stages
+    host time per call, not the GPU, decides the eager numbers. A capture that fails is recorded,
+    not raised."""
+    rows = []
+    for variant in ("fused_ncdhw", "fused_cl", "three_conv3d_ncdhw", "three_conv3d_cl"):
+        if variant not in steps:
+            continue
+        try:
+            t = time_fn(_graphed(steps[variant]), min_reps=7)
+        except RuntimeError as err:  # e.g. an op that cannot be captured
+            rows.append(Row("decomposed_conv3d", variant, name, dt, "forward+backward" + GRAPHED, "time",
+                            f"capture failed: {err}"[:200], "", env=env))
+            continue
+        rows.append(Row("decomposed_conv3d", variant, name, dt, "forward+backward" + GRAPHED, "time",
+                        round(t.median_ms, 4), "ms", p20=round(t.p20_ms, 4), p80=round(t.p80_ms, 4), env=env))
+    graphed = {r.variant: r.value for r in rows if isinstance(r.value, float)}
+    fused = [graphed[v] for v in ("fused_ncdhw", "fused_cl") if v in graphed]
+    unfused = [graphed[v] for v in ("three_conv3d_ncdhw", "three_conv3d_cl") if v in graphed]
+    if fused and unfused:
+        rows.append(Row("decomposed_conv3d", "fused vs best of three_conv3d" + GRAPHED, name, dt,
+                        "forward+backward" + GRAPHED, "speedup", round(min(unfused) / min(fused), 2), "x", env=env))
+    return rows
 
 
 def _interleaved_ratio(baseline, candidate, rounds: int = 15) -> float:

@@ -162,8 +162,9 @@ def summary(work: Path, status: dict[str, str]) -> str:
     conv = _rows(work / "conv_gpu.csv")
     if conv:
         lines += ["", "| conv input | dtype | fwd % copy (ncdhw / cl) | fwd+bwd ms fused (best) | best 3x Conv3d | "
-                  "speed-up |", "|---|---|---|---|---|---|"]
+                  "speed-up | speed-up, CUDA graphs |", "|---|---|---|---|---|---|---|"]
         cases = dict.fromkeys((r["input"], r["dtype"]) for r in conv if r["model"] == "decomposed_conv3d")
+        graphed = "fused vs best of three_conv3d (CUDA graph)"
 
         def pick(inp, dt, variant, backend, metric):
             return next((r["value"] for r in conv if (r["input"], r["dtype"], r["variant"], r["backend"],
@@ -177,7 +178,8 @@ def summary(work: Path, status: dict[str, str]) -> str:
             lines.append(f"| {inp} | {dt} | {pick(inp, dt, 'fused_ncdhw', 'forward', '%copy')} / "
                          f"{pick(inp, dt, 'fused_cl', 'forward', '%copy')} | {min(fused) if fused else '-'} | "
                          f"{min(unfused) if unfused else '-'} | "
-                         f"{pick(inp, dt, 'fused vs best of three_conv3d', 'forward+backward', 'speedup')} |")
+                         f"{pick(inp, dt, 'fused vs best of three_conv3d', 'forward+backward', 'speedup')} | "
+                         f"{pick(inp, dt, graphed, 'forward+backward (CUDA graph)', 'speedup')} |")
         bn = [r for r in conv if r["model"] == "decomposed_conv3d_bn" and r["metric"] == "speedup"]
         lines += [f"BN training fused vs unfused, {r['input']}: {r['value']}x" for r in bn]
     siglip = _rows(work / "siglip.csv")

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from bench import common, tune_siglip
+from bench import bench_conv, common, tune_siglip
 from bench.common import Row, time_fn, write_csv
 from bench.gpu_session import summary
 from bench.sass_siglip import Candidate
@@ -19,11 +19,17 @@ def _conv_rows(env):
     rows += [Row("decomposed_conv3d", "fused_ncdhw", name, "float32", "forward", "%copy", 41.5, "%", env=env),
              Row("decomposed_conv3d", "fused vs best of three_conv3d", name, "float32", "forward+backward",
                  "speedup", 3.0, "x", env=env)]
+    rows += bench_conv._graphed_rows({"fused_cl": lambda: None, "three_conv3d_ncdhw": lambda: None}, name, "float32",
+                                     env)
     return rows
 
 
-def test_summary_reports_failures_conv_and_tune(tmp_path):
+def test_summary_reports_failures_conv_and_tune(tmp_path, monkeypatch):
     env = {"device": "test", "torch": "", "triton": "", "cuda": "", "date": ""}
+    # no CUDA graph here: "replay" the call itself, at 0.1 ms (fused) and 0.5 ms (three Conv3d)
+    timings = iter([common.Timing(0.1, 0.1, 0.1), common.Timing(0.5, 0.5, 0.5)])
+    monkeypatch.setattr(bench_conv, "_graphed", lambda call: call)
+    monkeypatch.setattr(bench_conv, "time_fn", lambda call, **kw: next(timings))
     write_csv(_conv_rows(env), tmp_path / "conv_gpu.csv")
     write_csv([Row("decomposed_conv3d", label, "2x8x4x4x4 k=3 cl", "bfloat16", "forward", "time", t, "ms", env=env)
                for label, t in (("default", 0.3), ("other", 0.2))], tmp_path / "tune_conv.csv")
@@ -34,7 +40,8 @@ def test_summary_reports_failures_conv_and_tune(tmp_path):
     assert "FAILED tests/test_x.py::test_y" in text and "1 failed, 1 passed" in text
     conv_line = next(line for line in text.splitlines() if line.startswith("| 2x8x4x4x4 k=3 |"))
     # best fused 0.4 ms, best unfused 1.2 ms, the recorded speed-up, NCDHW forward % of copy
-    assert conv_line.rstrip(" |").split(" | ")[2:6] == ["41.5 / -", "0.4", "1.2", "3.0"]
+    # and the speed-up of the CUDA-graph replays (0.5 / 0.1)
+    assert conv_line.rstrip(" |").split(" | ")[2:7] == ["41.5 / -", "0.4", "1.2", "3.0", "5.0"]
     assert "tune 2x8x4x4x4 k=3 cl forward: best other 0.2 ms (default default 0.3 ms)" in text
     assert "host: forward: 12.0 us per call (H100, real launches)" in text and "compiling" not in text
 
