@@ -422,6 +422,21 @@ if HAS_TRITON:
             return x * g
 
     @triton.jit
+    def _axis_taps(dx, xv, g0, g_rest, pos, sg, n_out, ok_rest, w_ptr, c, c_ok, part, part_ok, C,
+                   K: tl.constexpr, STRIDE: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
+                   EXACT: tl.constexpr):
+        """One branch's off-centre taps: their terms of dx (returned) and their partials of sum x * g
+        (stored at part + tap * C); pos, sg and n_out are the branch axis' position, grad stride and
+        output size, g_rest and ok_rest the grad pointer and mask with that axis left out."""
+        for j in tl.static_range(K):
+            if j != K // 2:
+                gv, m = _grad_tap(g0, g_rest, pos, sg, n_out, ok_rest, K // 2 - j, STRIDE, IDX)
+                gv = gv.to(ACC)
+                dx += _tap_weight(w_ptr, c, c_ok, j, K, ACC) * gv
+                tl.store(part + j * C, _tap_sum(_masked_product(xv, gv, m, EXACT)), mask=part_ok)
+        return dx
+
+    @triton.jit
     def _bwd_taps(xv, g0, g_c, g_d, g_hw, wd_ptr, wh_ptr, ww_ptr, part, part_ok, c, c_ok, ok, d_on, hw_on,
                   d, h, w, C, DO, HO, WO, sgd, sgh, sgw,
                   KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, ACC: tl.constexpr,
@@ -437,28 +452,14 @@ if HAS_TRITON:
         tl.store(part + (KD + KH // 2) * C, xg, mask=part_ok)
         tl.store(part + (KD + KH + KW // 2) * C, xg, mask=part_ok)
         tl.store(part + (KD + KH + KW) * C, _tap_sum(gv), mask=part_ok)
-        for i in tl.static_range(KD):
-            if i != KD // 2:
-                gv, m = _grad_tap(g0, g_c + g_hw, d, sgd, DO, ok & hw_on, KD // 2 - i, STRIDE, IDX)
-                gv = gv.to(ACC)
-                dx += _tap_weight(wd_ptr, c, c_ok, i, KD, ACC) * gv
-                tl.store(part + i * C, _tap_sum(_masked_product(xv, gv, m, EXACT)), mask=part_ok)
-        for j in tl.static_range(KH):
-            if j != KH // 2:
-                ok_rest = ok & d_on & ((w % STRIDE) == 0)
-                gv, m = _grad_tap(g0, g_c + g_d + (w // STRIDE).to(IDX) * sgw, h, sgh, HO, ok_rest,
-                                  KH // 2 - j, STRIDE, IDX)
-                gv = gv.to(ACC)
-                dx += _tap_weight(wh_ptr, c, c_ok, j, KH, ACC) * gv
-                tl.store(part + (KD + j) * C, _tap_sum(_masked_product(xv, gv, m, EXACT)), mask=part_ok)
-        for l in tl.static_range(KW):
-            if l != KW // 2:
-                ok_rest = ok & d_on & ((h % STRIDE) == 0)
-                gv, m = _grad_tap(g0, g_c + g_d + (h // STRIDE).to(IDX) * sgh, w, sgw, WO, ok_rest,
-                                  KW // 2 - l, STRIDE, IDX)
-                gv = gv.to(ACC)
-                dx += _tap_weight(ww_ptr, c, c_ok, l, KW, ACC) * gv
-                tl.store(part + (KD + KH + l) * C, _tap_sum(_masked_product(xv, gv, m, EXACT)), mask=part_ok)
+        dx = _axis_taps(dx, xv, g0, g_c + g_hw, d, sgd, DO, ok & hw_on, wd_ptr, c, c_ok, part, part_ok, C,
+                        KD, STRIDE, ACC, IDX, EXACT)
+        dx = _axis_taps(dx, xv, g0, g_c + g_d + (w // STRIDE).to(IDX) * sgw, h, sgh, HO,
+                        ok & d_on & ((w % STRIDE) == 0), wh_ptr, c, c_ok, part + KD * C, part_ok, C,
+                        KH, STRIDE, ACC, IDX, EXACT)
+        dx = _axis_taps(dx, xv, g0, g_c + g_d + (h // STRIDE).to(IDX) * sgh, w, sgw, WO,
+                        ok & d_on & ((h % STRIDE) == 0), ww_ptr, c, c_ok, part + (KD + KH) * C, part_ok, C,
+                        KW, STRIDE, ACC, IDX, EXACT)
         return dx
 
     @triton.jit
