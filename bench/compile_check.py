@@ -47,10 +47,12 @@ def _conv_launches():
         yield f"conv {dtype} {'cl' if channels_last else 'ncdhw'} stride {stride}", launches
         if stride == 1 and x.numel() < 2**31 and not tensor_cores:
             gamma = torch.empty(3, shape[1], dtype=dtype, device="meta")
-            names = ("_bn_stats_kernel", "_bn_grad_sums_kernel", "_bn_table_kernel", "_bn_dx_kernel")
-            with capture_launches(dcbn, *names) as launches, capture_launches(dc, "_weight_grads_kernel") as sums:
-                mean, var = dcbn._triton_bn_stats(x, *ws)
-                dcbn._triton_bn_backward(torch.empty_like(x), x, *ws, gamma, mean, var)
+            names = ("_bn_stats_kernel", "_bn_fold_kernel", "_bn_grad_sums_kernel", "_bn_coef_kernel",
+                     "_bn_table_kernel", "_bn_dx_kernel")
+            with capture_launches(dcbn, *names) as launches, \
+                    capture_launches(dc, "_weight_grads_kernel", "_decomposed_conv3d_fwd_kernel") as sums:
+                _, mean, _, std = dcbn._triton_bn_forward(x, *ws, gamma, gamma, 1e-5)
+                dcbn._triton_bn_backward(torch.empty_like(x), x, *ws, gamma, mean, std)
             yield f"fused BN {dtype} {'cl' if channels_last else 'ncdhw'}", launches + sums
 
 

@@ -58,10 +58,10 @@ def _launches(c, d, h, w, k, dtype, layout, bn=True):
     ws = [torch.empty(c, k, dtype=dtype, device="meta") for _ in range(3)]
     g = torch.empty_like(x)
     gamma = torch.empty(3, c, dtype=dtype, device="meta")
+    bn_launches = []
+    # (the partial-sum reductions, the BN tables and coefficients: small, not modelled)
     with capture_launches(dc, *[n for n, (m, _) in KERNELS.items() if m is dc]) as conv, \
-            capture_launches(dcbn, *[n for n, (m, _) in KERNELS.items() if m is dcbn]) as bn_launches, \
-            capture_launches(dc, "_weight_grads_kernel"), capture_launches(dcbn, "_bn_table_kernel"):
-        # (the partial-sum reduction and the BN tables: small, not modelled)
+            capture_launches(dc, "_weight_grads_kernel"):
         dc._triton_forward(x, *ws, None, 1)
         if min(d, h, w) >= dc.TC_CUBE:  # the tensor-core forward too (on CUDA: bf16/fp16 NCDHW)
             with mock.patch.object(dc, "TENSOR_CORES", "always"):
@@ -72,9 +72,12 @@ def _launches(c, d, h, w, k, dtype, layout, bn=True):
                 dc._triton_backward(g, x, *ws, 1)
             tc_dx = [i for i, la in enumerate(conv) if la.kernel.fn.__name__ == "_decomposed_conv3d_tc_fwd_kernel"]
             del conv[tc_dx[-1]]  # the backward's dx launch: the forward kernel again, on g
-        if bn:
-            mean, var = dcbn._triton_bn_stats(x, *ws)
-            dcbn._triton_bn_backward(g, x, *ws, gamma, mean, var)
+    if bn:  # the fused BN unit's forward ends with the conv forward above: not counted twice
+        with capture_launches(dcbn, *[n for n, (m, _) in KERNELS.items() if m is dcbn]) as bn_launches, \
+                capture_launches(dc, *[n for n, (m, _) in KERNELS.items() if m is dc], "_weight_grads_kernel"), \
+                capture_launches(dcbn, "_bn_table_kernel", "_bn_fold_kernel", "_bn_coef_kernel"):
+            _, mean, _, std = dcbn._triton_bn_forward(x, *ws, gamma, gamma, 1e-5)
+            dcbn._triton_bn_backward(g, x, *ws, gamma, mean, std)
     return conv + bn_launches, x
 
 

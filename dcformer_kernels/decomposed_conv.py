@@ -21,6 +21,7 @@ run without copies of x; outputs keep x's memory format.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +79,7 @@ def check_decomposed_conv3d_args(x, weight_d, weight_h, weight_w, bias, stride) 
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor of shape (C,) or None; got {type(bias).__name__}")
-        if bias.shape != (channels,):
+        if bias.dim() != 1 or bias.shape[0] != channels:
             raise ValueError(f"bias must have shape (C={channels},); got {tuple(bias.shape)}")
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
@@ -121,12 +122,17 @@ def _tile_config(x: torch.Tensor, out_h: int, out_w: int, depth: int) -> _TileCo
     per-tap weight-gradient sums need no cross-warp reduction (half the backward's instructions
     at 4 warps). ``python -m bench.tune_conv`` times the same candidates on a GPU.
     """
-    if triton_interpreting():
+    return _tiles(triton_interpreting(), _memory_format(x) == torch.channels_last_3d, x.shape[1], out_h, out_w, depth)
+
+
+@functools.lru_cache(maxsize=4096)  # a pure function of the shape: host time per call at small stages
+def _tiles(interpreting: bool, channels_last: bool, channels: int, out_h: int, out_w: int, depth: int) -> _TileConfig:
+    if interpreting:
         # The interpreter costs ~ms per program and per op: small blocks, and shapes in the tests
         # are chosen so that several blocks and partial blocks occur on every axis.
         block_c, d_tile, rows_h, cols_w, warps = 4, 2, 4, 8, 1
-    elif _memory_format(x) == torch.channels_last_3d:
-        block_c, d_tile, rows_h, cols_w, warps = min(32, next_power_of_2(x.shape[1])), 2, 4, 4, 1
+    elif channels_last:
+        block_c, d_tile, rows_h, cols_w, warps = min(32, next_power_of_2(channels)), 2, 4, 4, 1
     else:
         cols_w = min(64, next_power_of_2(out_w))
         block_c, d_tile, rows_h, warps = 1, 2, max(1, 256 // cols_w), 1
@@ -803,7 +809,7 @@ def decomposed_conv3d(x: torch.Tensor, weight_d: torch.Tensor, weight_h: torch.T
     Returns:
         (N, C, D', H', W') with D' = (D - 1) // stride + 1 etc., in x's memory format.
     """
-    check_decomposed_conv3d_args(x, weight_d, weight_h, weight_w, bias, stride)
-    if resolve_backend(backend, x.device) == "torch":
+    if not isinstance(x, torch.Tensor) or resolve_backend(backend, x.device) == "torch":
+        check_decomposed_conv3d_args(x, weight_d, weight_h, weight_w, bias, stride)
         return decomposed_conv3d_reference(x, weight_d, weight_h, weight_w, bias, stride)
-    return DecomposedConv3dFunction.apply(x, weight_d, weight_h, weight_w, bias, stride)
+    return DecomposedConv3dFunction.apply(x, weight_d, weight_h, weight_w, bias, stride)  # checks them too

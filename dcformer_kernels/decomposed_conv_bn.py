@@ -6,13 +6,16 @@ The branch outputs z_b = K_b x are never written to memory (derivation: docs/fus
 
 Forward (two reads of x):
   1. stats kernel: z_b for the three branches in registers; per-program (count, mean, M2) per
-     channel and branch (two passes over the block in registers), merged across programs with
-     Chan's parallel formula in float64 (stable when |mean| >> std);
-  2. the batch statistics fold into the fused conv: weights (γ_b/σ_b)·w_b and one bias
-     Σ_b (β_b − γ_b μ_b/σ_b); the existing fused forward kernel writes y.
+     channel and branch (two passes over the block in registers);
+  2. fold kernel (per channel): the partials merged with Chan's parallel formula in float64
+     (stable when |mean| >> std), folded into the fused conv's weights (γ_b/σ_b)·w_b and one bias
+     Σ_b (β_b − γ_b μ_b/σ_b);
+  3. the existing fused forward kernel writes y.
   The conv biases c_b cancel in training-mode BN: they only enter the running means.
 Backward (two reads of x and g):
-  1. reduction kernel: Σ g and Σ g·z_b per channel (z_b recomputed in registers);
+  1. reduction kernel: per-program partials of Σ g and Σ g·z_b per channel (z_b recomputed in
+     registers); a small kernel sums them (float64, fixed order) into dγ_b, dβ_b and the dx
+     kernel's per-channel coefficients;
   2. dx kernel: dx = Σ_b a_b K_bᵀ g − e_b K_bᵀ z_b + c_b K_bᵀ 1, where K_bᵀ z_b = Σ_δ A_b(p, δ) x(p + δ)
      with A_b the weights' autocorrelation cut at the volume's borders (tables from a small kernel, O(k) loads
      per element, no z_b at shifted positions); the same loads give z_b(p), hence ∂L/∂z_b(p), and
@@ -28,7 +31,7 @@ import dataclasses
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._dispatch import HAS_TRITON, launch_directly, next_power_of_2
+from ._dispatch import HAS_TRITON, cdiv, launch_directly, next_power_of_2, triton_interpreting
 from .decomposed_conv import (
     _acc_dtype,
     _block_kwargs,
@@ -213,6 +216,110 @@ if HAS_TRITON:
             ones = tl.sum(tl.where(exists, w_i[None, :], 0.0), axis=1)
             tl.store(rows + (2 * K - 1) * L + p, ones.to(tab_ptr.dtype.element_ty), mask=p < L)
 
+    @triton.jit
+    def _column_tiles(part_ptr, p0, P, C, ch, ch_ok, N_COLS: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Pointers to rows p0 .. p0 + BLOCK_P of partials (P, N_COLS, C) at channels ch (column 0),
+        and their mask."""
+        p = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
+        return part_ptr + p[:, None] * (N_COLS * C) + ch[None, :], (p < P)[:, None] & ch_ok[None, :]
+
+    @triton.jit
+    def _merged_moments(part_ptr, P, C, ch, ch_ok, COL: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Per-channel mean and biased variance (float64) of one branch from the stats kernel's
+        per-program (count, mean, M2) partials: Chan's parallel formula, BLOCK_P programs at a time
+        in a fixed order (deterministic; exact when |mean| >> std, where Σz² − (Σz)²/M cancels)."""
+        n = tl.zeros(ch.shape, dtype=tl.float64)
+        mean = tl.zeros(ch.shape, dtype=tl.float64)
+        m2 = tl.zeros(ch.shape, dtype=tl.float64)
+        for p0 in range(0, P, BLOCK_P):
+            rows, ok = _column_tiles(part_ptr, p0, P, C, ch, ch_ok, 7, BLOCK_P)
+            count_p = tl.load(rows, mask=ok, other=0.0).to(tl.float64)
+            mean_p = tl.load(rows + COL * C, mask=ok, other=0.0).to(tl.float64)
+            m2_p = tl.load(rows + (COL + 1) * C, mask=ok, other=0.0).to(tl.float64)
+            n_t = tl.sum(count_p, axis=0)
+            mean_t = tl.sum(count_p * mean_p, axis=0) / tl.maximum(n_t, 1.0)
+            dev = mean_p - mean_t[None, :]
+            m2_t = tl.sum(m2_p + count_p * dev * dev, axis=0)
+            frac = n_t / tl.maximum(n + n_t, 1.0)
+            delta = mean_t - mean
+            mean += delta * frac
+            m2 += m2_t + delta * delta * n * frac
+            n += n_t
+        return mean, m2 / tl.maximum(n, 1.0)
+
+    @triton.jit
+    def _fold_branch(part_ptr, P, C, ch, ch_ok, eps, w_ptr, gamma_ptr, beta_ptr, folded_ptr,
+                     mean_ptr, var_ptr, std_ptr,
+                     B: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Branch B's batch mean, biased variance and std (row B of each (3, C)), its weights scaled by
+        γ/σ (stored in the weights' dtype) and its share β − γμ/σ of the folded bias (returned)."""
+        mean, var = _merged_moments(part_ptr, P, C, ch, ch_ok, 1 + 2 * B, BLOCK_P)
+        std = tl.sqrt(var + eps)
+        gamma = tl.load(gamma_ptr + B * C + ch, mask=ch_ok, other=0.0).to(tl.float64)
+        beta = tl.load(beta_ptr + B * C + ch, mask=ch_ok, other=0.0).to(tl.float64)
+        tl.store(mean_ptr + B * C + ch, mean, mask=ch_ok)
+        tl.store(var_ptr + B * C + ch, var, mask=ch_ok)
+        tl.store(std_ptr + B * C + ch, std, mask=ch_ok)
+        k = tl.arange(0, BLOCK_K)
+        at = ch[:, None] * K + k[None, :]
+        w_ok = ch_ok[:, None] & (k < K)[None, :]
+        w = tl.load(w_ptr + at, mask=w_ok, other=0.0).to(tl.float64)
+        tl.store(folded_ptr + at, (w * (gamma / std)[:, None]).to(folded_ptr.dtype.element_ty), mask=w_ok)
+        return beta - gamma * mean / std
+
+    @triton.jit
+    def _bn_fold_kernel(part_ptr, P, C, eps, wd_ptr, wh_ptr, ww_ptr, gamma_ptr, beta_ptr,
+                        fd_ptr, fh_ptr, fw_ptr, bias_ptr, mean_ptr, var_ptr, std_ptr,
+                        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Batch statistics from the stats kernel's partials, folded into the fused conv's weights
+        (γ_b/σ_b)·w_b and one bias Σ_b (β_b − γ_b μ_b/σ_b); in float64, BLOCK_C channels a program."""
+        ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        ch_ok = ch < C
+        stats = (mean_ptr, var_ptr, std_ptr)
+        bias = _fold_branch(part_ptr, P, C, ch, ch_ok, eps, wd_ptr, gamma_ptr, beta_ptr, fd_ptr, *stats,
+                            0, KD, BLOCK_K, BLOCK_P)
+        bias += _fold_branch(part_ptr, P, C, ch, ch_ok, eps, wh_ptr, gamma_ptr, beta_ptr, fh_ptr, *stats,
+                             1, KH, BLOCK_K, BLOCK_P)
+        bias += _fold_branch(part_ptr, P, C, ch, ch_ok, eps, ww_ptr, gamma_ptr, beta_ptr, fw_ptr, *stats,
+                             2, KW, BLOCK_K, BLOCK_P)
+        tl.store(bias_ptr + ch, bias.to(bias_ptr.dtype.element_ty), mask=ch_ok)
+
+    @triton.jit
+    def _column_sum(part_ptr, P, C, ch, ch_ok, COL: tl.constexpr, N_COLS: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BLOCK_P: tl.constexpr):
+        """Σ over programs of column COL of partials (P, N_COLS, C), float64, in a fixed order."""
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float64)
+        for p0 in range(0, P, BLOCK_P):
+            rows, ok = _column_tiles(part_ptr, p0, P, C, ch, ch_ok, N_COLS, BLOCK_P)
+            acc += tl.load(rows + COL * C, mask=ok, other=0.0).to(tl.float64)
+        return tl.sum(acc, axis=0)
+
+    @triton.jit
+    def _bn_coef_kernel(part_ptr, P, C, count, gamma_ptr, mean_ptr, std_ptr, coef_ptr, dgamma_ptr, dbeta_ptr,
+                        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """From the grad-sums kernel's partials (P, 4, C): dγ_b = Σ g (z_b − μ_b)/σ_b, dβ_b = Σ g, and
+        the dx kernel's per-channel coefficients (C, 9): a_b = γ_b/σ_b, e_b = γ_b dγ_b/(M σ_b²) and
+        cc_b = e_b μ_b − a_b Σg/M (docs/fused_bn.md); float64."""
+        ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        ch_ok = ch < C
+        m = count.to(tl.float64)
+        sum_g = _column_sum(part_ptr, P, C, ch, ch_ok, 0, 4, BLOCK_C, BLOCK_P)
+        for b in tl.static_range(3):
+            sum_gz = _column_sum(part_ptr, P, C, ch, ch_ok, 1 + b, 4, BLOCK_C, BLOCK_P)
+            gamma = tl.load(gamma_ptr + b * C + ch, mask=ch_ok, other=0.0).to(tl.float64)
+            mean = tl.load(mean_ptr + b * C + ch, mask=ch_ok, other=0.0).to(tl.float64)
+            std = tl.load(std_ptr + b * C + ch, mask=ch_ok, other=1.0).to(tl.float64)
+            dgamma = (sum_gz - mean * sum_g) / std
+            a = gamma / std
+            e = gamma * (dgamma / m) / (std * std)
+            tl.store(coef_ptr + ch * 9 + b, a.to(coef_ptr.dtype.element_ty), mask=ch_ok)
+            tl.store(coef_ptr + ch * 9 + 3 + b, e.to(coef_ptr.dtype.element_ty), mask=ch_ok)
+            tl.store(coef_ptr + ch * 9 + 6 + b, (e * mean - a * (sum_g / m)).to(coef_ptr.dtype.element_ty),
+                     mask=ch_ok)
+            tl.store(dgamma_ptr + b * C + ch, dgamma.to(dgamma_ptr.dtype.element_ty), mask=ch_ok)
+            tl.store(dbeta_ptr + b * C + ch, sum_g.to(dbeta_ptr.dtype.element_ty), mask=ch_ok)
+
 
 def _transpose_tables(weights, lengths, dtype: torch.dtype) -> list[torch.Tensor]:
     """The dx pass's (C, 2k, L) table per branch (see _bn_branch_grad), one launch each.
@@ -247,68 +354,71 @@ def _launch(kernel, x, tensors, strides, n_cols, extra_constexpr=None, max_d_til
     return partials
 
 
-def _merge_stats(partials: torch.Tensor):
-    """Chan's merge over programs, in float64: per-branch mean and biased variance, and the count."""
-    p = partials.double()
-    count = p[:, 0]
-    total = count.sum(0)
-    means, variances = [], []
-    for b in range(3):
-        mean_p, m2_p = p[:, 1 + 2 * b], p[:, 2 + 2 * b]
-        mean = (count * mean_p).sum(0) / total
-        m2 = m2_p.sum(0) + (count * (mean_p - mean) ** 2).sum(0)
-        means.append(mean)
-        variances.append(m2 / total)
-    return torch.stack(means), torch.stack(variances), total[0]
+def _reduction_blocks(c: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P) of the kernels that reduce per-program partials per channel: 8 channels
+    (one 32-byte sector of fp32) by 128 programs a step; small steps under the interpreter."""
+    return min(8, next_power_of_2(c)), 8 if triton_interpreting() else 128
 
 
-def _triton_bn_stats(x, weight_d, weight_h, weight_w):
+def _triton_bn_forward(x, weight_d, weight_h, weight_w, gamma, beta, eps: float):
+    """y, and the (3, C) float64 batch mean, biased variance and std of the branch convs: three
+    launches (statistics partials, their merge folded into the weights, the fused conv)."""
     weights = _row_major(weight_d, weight_h, weight_w)
     kd, kh, kw = (t.shape[1] for t in weights)
     partials = _launch(_bn_stats_kernel, x, (x, *weights), x.stride(), _N_STATS, dict(KD=kd, KH=kh, KW=kw))
-    mean, var, _ = _merge_stats(partials)
-    return mean, var
+    c = x.shape[1]
+    folded = [torch.empty_like(t) for t in weights]
+    bias = torch.empty(c, dtype=x.dtype, device=x.device)
+    mean, var, std = (torch.empty((3, c), dtype=torch.float64, device=x.device) for _ in range(3))
+    block_c, block_p = _reduction_blocks(c)
+    _bn_fold_kernel[(cdiv(c, block_c),)](
+        partials, partials.shape[0], c, eps, *weights, gamma.contiguous(), beta.contiguous(), *folded, bias,
+        mean, var, std,
+        KD=kd, KH=kh, KW=kw, BLOCK_K=next_power_of_2(max(kd, kh, kw)), BLOCK_C=block_c, BLOCK_P=block_p,
+        num_warps=4)
+    y = _triton_forward(x, *folded, bias, 1)
+    return y, mean, var, std
 
 
-@torch.library.custom_op("dcformer_kernels::decomposed_conv3d_bn_stats", mutates_args=())
-def _bn_stats_op(x: torch.Tensor, weight_d: torch.Tensor, weight_h: torch.Tensor,
-                 weight_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-branch batch mean and biased variance of K_b x, each (3, C) float64."""
+@torch.library.custom_op("dcformer_kernels::decomposed_conv3d_bn_forward", mutates_args=())
+def _bn_forward_op(x: torch.Tensor, weight_d: torch.Tensor, weight_h: torch.Tensor, weight_w: torch.Tensor,
+                   gamma: torch.Tensor, beta: torch.Tensor, eps: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y and the per-branch batch mean, biased variance and std of K_b x, each (3, C) float64."""
     check_decomposed_conv3d_args(x, weight_d, weight_h, weight_w, None, 1)  # the op is public too
-    return _triton_bn_stats(x, weight_d, weight_h, weight_w)
+    _check_branch_params(x, gamma=gamma, beta=beta)
+    return _triton_bn_forward(x, weight_d, weight_h, weight_w, gamma, beta, eps)
 
 
-@_bn_stats_op.register_fake
-def _(x, weight_d, weight_h, weight_w):
+@_bn_forward_op.register_fake
+def _(x, weight_d, weight_h, weight_w, gamma, beta, eps):
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
     shape = (3, x.shape[1])
-    return x.new_empty(shape, dtype=torch.float64), x.new_empty(shape, dtype=torch.float64)
+    return y, *(x.new_empty(shape, dtype=torch.float64) for _ in range(3))
 
 
 def _triton_bn_backward(grad, x, weight_d, weight_h, weight_w, gamma, mean, std):
     weights = _row_major(weight_d, weight_h, weight_w)
     kd, kh, kw = (t.shape[1] for t in weights)
     strides = (*x.stride(), *grad.stride())
-    sums = _launch(_bn_grad_sums_kernel, x, (x, grad, *weights), strides, _N_SUMS,
-                   dict(KD=kd, KH=kh, KW=kw)).double().sum(0)
-    count = x.numel() // x.shape[1]
-    sum_g, sum_gz = sums[0], sums[1:]  # (C,), (3, C)
-    gamma64, mean64, std64 = gamma.double(), mean.double(), std.double()
-    dgamma = (sum_gz - mean64 * sum_g) / std64  # Σ g (z_b − μ_b) / σ_b
-    m_b = dgamma / count
-    a_b, e_b = gamma64 / std64, gamma64 * m_b / std64**2
-    coef = torch.cat([a_b, e_b, e_b * mean64 - a_b * (sum_g / count)]).T  # (C, 9): a, e, cc per branch
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    sums = _launch(_bn_grad_sums_kernel, x, (x, grad, *weights), strides, _N_SUMS, dict(KD=kd, KH=kh, KW=kw))
+    c = x.shape[1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    coef = torch.empty((c, 9), dtype=acc, device=x.device)  # a, e, cc per branch
+    dgamma, dbeta = torch.empty_like(gamma), torch.empty_like(gamma)
+    block_c, block_p = _reduction_blocks(c)
+    _bn_coef_kernel[(cdiv(c, block_c),)](
+        sums, sums.shape[0], c, x.numel() // c, gamma.contiguous(), mean.contiguous(), std.contiguous(), coef,
+        dgamma, dbeta, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
     tables = _transpose_tables(weights, x.shape[2:], acc)
     # One D plane per program: with the conv's two, ptxas spills the dx kernel (255 registers and
     # 0.3-2 KB of local memory a thread at DCFormer's stages); with one, NCDHW needs no spills and
     # ~5 % fewer instructions per element, channels-last a quarter of the spills for the same count
     # (bench/conv_notes.md, static model for sm_90; not yet timed on a GPU).
-    partials = _launch(_bn_dx_kernel, x, (x, grad, *weights, *tables, coef.to(acc).contiguous(), dx),
+    partials = _launch(_bn_dx_kernel, x, (x, grad, *weights, *tables, coef, dx),
                        (*strides, *dx.stride()), kd + kh + kw, dict(KD=kd, KH=kh, KW=kw), max_d_tile=1)
-    dw = _weight_grads(partials, (kd, kh, kw), x.dtype)
-    dbeta = sum_g.expand(3, -1)
-    return (dx, *dw, dgamma.to(gamma.dtype), dbeta.to(gamma.dtype).contiguous())
+    return (dx, *_weight_grads(partials, (kd, kh, kw), x.dtype), dgamma, dbeta)
 
 
 @torch.library.custom_op("dcformer_kernels::decomposed_conv3d_bn_backward", mutates_args=())
@@ -335,23 +445,21 @@ class DecomposedConv3dBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight_d, weight_h, weight_w, gamma, beta, eps):
-        direct = launch_directly(x)  # see decomposed_conv.DecomposedConv3dFunction
-        if direct:
-            mean, var = _triton_bn_stats(x, weight_d, weight_h, weight_w)
+        args = (x, weight_d, weight_h, weight_w, gamma, beta, eps)
+        if launch_directly(x):  # see decomposed_conv.DecomposedConv3dFunction
+            y, mean, var, std = _triton_bn_forward(*args)
         else:
-            mean, var = torch.ops.dcformer_kernels.decomposed_conv3d_bn_stats(x, weight_d, weight_h, weight_w)
-        std = torch.sqrt(var + eps)
-        scale = (gamma.double() / std).to(x.dtype)  # (3, C)
-        bias = (beta.double() - gamma.double() * mean / std).sum(0).to(x.dtype)
-        folded = (x, weight_d * scale[0, :, None], weight_h * scale[1, :, None], weight_w * scale[2, :, None], bias, 1)
-        y = _triton_forward(*folded) if direct else torch.ops.dcformer_kernels.decomposed_conv3d(*folded)
+            y, mean, var, std = torch.ops.dcformer_kernels.decomposed_conv3d_bn_forward(*args)
         ctx.save_for_backward(x, weight_d, weight_h, weight_w, gamma, mean, std)
         ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)  # no zero (3, C) gradients built for mean and var
         return y, mean, var
 
     @staticmethod
     @once_differentiable  # the kernels' gradients have no graph: a second derivative raises
     def backward(ctx, grad, _grad_mean, _grad_var):
+        if grad is None:  # y's gradient is undefined (zero), so are all of them
+            return (None,) * 7
         x, weight_d, weight_h, weight_w, gamma, mean, std = ctx.saved_tensors
         args = (grad, x, weight_d, weight_h, weight_w, gamma, mean, std)
         if launch_directly(x):

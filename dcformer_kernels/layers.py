@@ -112,16 +112,27 @@ class DecomposedConv3d(nn.Module):
         gamma = torch.stack([bn.weight for bn in self.norms])
         beta = torch.stack([bn.bias for bn in self.norms])
         y, mean, var = decomposed_conv3d_batchnorm_train(x, wd, wh, ww, gamma, beta, self.norms[0].eps)
-        with torch.no_grad():
-            for b, (conv, bn) in enumerate(zip(self.branches, self.norms)):
-                if not (bn.training and bn.track_running_stats):
-                    continue
-                bn.num_batches_tracked.add_(1)
-                momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
-                batch_mean = mean[b] if conv.bias is None else mean[b] + conv.bias.double()
-                bn.running_mean.lerp_(batch_mean.to(bn.running_mean.dtype), momentum)
-                bn.running_var.lerp_((var[b] * count / (count - 1)).to(bn.running_var.dtype), momentum)
+        tracked = [b for b, bn in enumerate(self.norms) if bn.training and bn.track_running_stats]
+        if tracked:
+            self._update_running_stats(tracked, mean, var * (count / (count - 1)))
         return y
+
+    @torch.no_grad()
+    def _update_running_stats(self, tracked: list[int], mean: torch.Tensor, var: torch.Tensor) -> None:
+        """nn.BatchNorm3d's running-statistics update for the branches in ``tracked``, from the (3, C)
+        batch mean and unbiased variance of the convs without bias; a handful of foreach ops in all."""
+        norms = [self.norms[b] for b in tracked]
+        biases = [self.branches[b].bias for b in tracked]
+        torch._foreach_add_([bn.num_batches_tracked for bn in norms], 1)
+        momenta = [bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item() for bn in norms]
+        rows = slice(None) if len(tracked) == 3 else tracked  # a view in the usual case, not a gather
+        means, variances = mean[rows], var[rows]
+        present = [bias for bias in biases if bias is not None]
+        if present:  # a branch's conv bias shifts its mean
+            means = means + torch.stack([torch.zeros_like(present[0]) if bias is None else bias for bias in biases])
+        dtype = norms[0].running_mean.dtype
+        torch._foreach_lerp_([bn.running_mean for bn in norms], list(means.to(dtype).unbind()), momenta)
+        torch._foreach_lerp_([bn.running_var for bn in norms], list(variances.to(dtype).unbind()), momenta)
 
     def folded_parameters(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Branch conv weights and one bias with eval-mode BN folded in (differentiable).

@@ -71,6 +71,30 @@ def test_training_steps_match_unfused_module(shape, ks, channels_last, momentum)
     assert all(bn.num_batches_tracked.item() == 3 for bn in fused.norms)
 
 
+def test_running_statistics_per_branch_own_settings():
+    """Branches that differ in momentum, in keeping running statistics and in having a conv bias:
+    each BatchNorm's buffers move exactly as nn.BatchNorm3d's would (fused path)."""
+    torch.manual_seed(4)
+    fused = _layer(4, (3, 5, 3))
+    fused.norms[1] = torch.nn.BatchNorm3d(4, track_running_stats=False)  # batch statistics, no buffers to move
+    fused.norms[0].momentum, fused.norms[2].momentum = 0.3, None
+    fused.branches[2].bias = None
+    unfused = copy.deepcopy(fused)
+    calls = []
+    real = bn_op.DecomposedConv3dBatchNormFunction.apply
+    bn_op.DecomposedConv3dBatchNormFunction.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        for _ in range(2):
+            x = torch.randn(2, 4, 5, 4, 6) * 3 - 1
+            torch.testing.assert_close(fused(x), _unfused(unfused, x), rtol=1e-5, atol=1e-5)
+    finally:
+        bn_op.DecomposedConv3dBatchNormFunction.apply = real
+    assert len(calls) == 2
+    for (name, b_f), b_u in zip(fused.named_buffers(), unfused.buffers()):
+        torch.testing.assert_close(b_f, b_u, rtol=1e-5, atol=1e-6, msg=name)
+    assert [bn.num_batches_tracked.item() for b, bn in enumerate(fused.norms) if b != 1] == [2, 2]
+
+
 def test_gradcheck_float64():
     torch.manual_seed(1)
     x = (torch.randn(1, 2, 3, 4, 3, dtype=torch.float64) + 1).requires_grad_()
@@ -88,11 +112,17 @@ def test_statistics_are_stable_when_the_mean_dwarfs_the_spread():
     torch.manual_seed(2)
     x = torch.randn(2, 3, 6, 5, 7) * 0.01 + 1000.0
     ws = [torch.rand(3, k) + 0.5 for k in (3, 5, 3)]
-    mean, var = torch.ops.dcformer_kernels.decomposed_conv3d_bn_stats(x, *ws)
+    gamma, beta = torch.rand(3, 3) + 0.5, torch.randn(3, 3)
+    y, mean, var, std = torch.ops.dcformer_kernels.decomposed_conv3d_bn_forward(x, *ws, gamma, beta, 1e-5)
+    expected = 0
     for b, w in enumerate(ws):
         z = branch_conv3d(x.double(), w.double(), b)
         torch.testing.assert_close(mean[b], z.mean((0, 2, 3, 4)), rtol=1e-6, atol=0)
         torch.testing.assert_close(var[b], z.var((0, 2, 3, 4), unbiased=False), rtol=1e-3, atol=0)
+        torch.testing.assert_close(std[b], (var[b] + 1e-5).sqrt(), rtol=1e-12, atol=0)
+        expected = expected + torch.nn.functional.batch_norm(z, None, None, gamma[b].double(), beta[b].double(),
+                                                             training=True, eps=1e-5)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_backward_is_bitwise_deterministic():
@@ -116,8 +146,10 @@ def test_bad_arguments():
     # the registered ops are public too: weights for 2 channels against x with 3 must not read out of bounds
     small = [w[:2] for w in ws]
     with pytest.raises(ValueError, match=r"weight_d must have shape \(C=3, k\)"):
-        torch.ops.dcformer_kernels.decomposed_conv3d_bn_stats(x, *small)
+        torch.ops.dcformer_kernels.decomposed_conv3d_bn_forward(x, *small, torch.ones(3, 3), torch.ones(3, 3), 1e-5)
     per_branch = torch.ones(3, 3)
+    with pytest.raises(ValueError, match=r"beta must be a tensor of shape \(3, C=3\)"):
+        torch.ops.dcformer_kernels.decomposed_conv3d_bn_forward(x, *ws, per_branch, per_branch[0], 1e-5)
     with pytest.raises(ValueError, match=r"weight_d must have shape \(C=3, k\)"):
         torch.ops.dcformer_kernels.decomposed_conv3d_bn_backward(x, x, *small, per_branch, per_branch, per_branch)
     with pytest.raises(ValueError, match=r"std must be a tensor of shape \(3, C=3\)"):
