@@ -26,6 +26,7 @@ CONV_CASES = [  # (shape, k, dtype, channels_last, stride, forward on the tensor
     ((2, 24, 6, 10, 12), 3, torch.float32, False, 2, False),
     ((1, 2, 1100, 1100, 1000), 3, torch.float16, False, 1, False),  # > 2^31 elements: 64-bit offsets
     ((1, 8, 5, 6, 7), 3, torch.float64, True, 1, False),
+    ((1, 4, 1, 1, 1), 3, torch.float32, False, 1, False),  # one value per channel: ints equal to 1 specialise
     ((1, 4, 16, 17, 18), 7, torch.bfloat16, False, 1, True),  # what "auto" runs on CUDA (fp16/bf16 NCDHW)
     ((1, 2, 1100, 1100, 1000), 3, torch.float16, False, 1, True),  # the same with 64-bit offsets
 ]

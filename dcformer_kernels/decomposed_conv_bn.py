@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.utils.flop_counter
 from torch.autograd.function import once_differentiable
 
 from ._dispatch import HAS_TRITON, cdiv, launch_directly, next_power_of_2, triton_interpreting
@@ -38,6 +39,7 @@ from .decomposed_conv import (
     _grid,
     _index_dtype,
     _memory_format,
+    _numel,
     _row_major,
     _tile_config,
     _triton_forward,
@@ -268,12 +270,13 @@ if HAS_TRITON:
         return beta - gamma * mean / std
 
     @triton.jit
-    def _bn_fold_kernel(part_ptr, P, C, eps, wd_ptr, wh_ptr, ww_ptr, gamma_ptr, beta_ptr,
+    def _bn_fold_kernel(part_ptr, P, C, eps: tl.float64, wd_ptr, wh_ptr, ww_ptr, gamma_ptr, beta_ptr,
                         fd_ptr, fh_ptr, fw_ptr, bias_ptr, mean_ptr, var_ptr, std_ptr,
                         KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
         """Batch statistics from the stats kernel's partials, folded into the fused conv's weights
-        (γ_b/σ_b)·w_b and one bias Σ_b (β_b − γ_b μ_b/σ_b); in float64, BLOCK_C channels a program."""
+        (γ_b/σ_b)·w_b and one bias Σ_b (β_b − γ_b μ_b/σ_b); in float64 (eps too, as nn.BatchNorm3d's
+        float64 path), BLOCK_C channels a program."""
         ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         ch_ok = ch < C
         stats = (mean_ptr, var_ptr, std_ptr)
@@ -295,7 +298,7 @@ if HAS_TRITON:
             acc += tl.load(rows + COL * C, mask=ok, other=0.0).to(tl.float64)
         return tl.sum(acc, axis=0)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["count"])  # count = 1 would become a constexpr int (no .to)
     def _bn_coef_kernel(part_ptr, P, C, count, gamma_ptr, mean_ptr, std_ptr, coef_ptr, dgamma_ptr, dbeta_ptr,
                         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
         """From the grad-sums kernel's partials (P, 4, C): dγ_b = Σ g (z_b − μ_b)/σ_b, dβ_b = Σ g, and
@@ -405,7 +408,7 @@ def _triton_bn_backward(grad, x, weight_d, weight_h, weight_w, gamma, mean, std)
     c = x.shape[1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     coef = torch.empty((c, 9), dtype=acc, device=x.device)  # a, e, cc per branch
-    dgamma, dbeta = torch.empty_like(gamma), torch.empty_like(gamma)
+    dgamma, dbeta = (torch.empty((3, c), dtype=gamma.dtype, device=x.device) for _ in range(2))  # row-major
     block_c, block_p = _reduction_blocks(c)
     _bn_coef_kernel[(cdiv(c, block_c),)](
         sums, sums.shape[0], c, x.numel() // c, gamma.contiguous(), mean.contiguous(), std.contiguous(), coef,
@@ -436,8 +439,21 @@ def _bn_backward_op(grad: torch.Tensor, x: torch.Tensor, weight_d: torch.Tensor,
 @_bn_backward_op.register_fake
 def _(grad, x, weight_d, weight_h, weight_w, gamma, mean, std):
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
-    return (dx, torch.empty_like(weight_d), torch.empty_like(weight_h), torch.empty_like(weight_w),
-            torch.empty_like(gamma), torch.empty_like(gamma))
+    per_branch = [torch.empty((3, x.shape[1]), dtype=gamma.dtype, device=x.device) for _ in range(2)]
+    return (dx, torch.empty_like(weight_d), torch.empty_like(weight_h), torch.empty_like(weight_w), *per_branch)
+
+
+@torch.utils.flop_counter.register_flop_formula(torch.ops.dcformer_kernels.decomposed_conv3d_bn_forward)
+def _forward_flops(x_shape, wd_shape, wh_shape, ww_shape, *args, out_shape=None, **kwargs) -> int:
+    """The three branch convs, 2*(kd+kh+kw) per element, as FlopCounterMode counts the unfused
+    module (it counts no BatchNorm; the statistics pass recomputes the convs and is not counted)."""
+    return 2 * (wd_shape[1] + wh_shape[1] + ww_shape[1]) * _numel(x_shape)
+
+
+@torch.utils.flop_counter.register_flop_formula(torch.ops.dcformer_kernels.decomposed_conv3d_bn_backward)
+def _backward_flops(grad_shape, x_shape, wd_shape, wh_shape, ww_shape, *args, out_shape=None, **kwargs) -> int:
+    """The branch convs' input and weight gradients, as for nn.Conv3d: twice the forward."""
+    return 2 * 2 * (wd_shape[1] + wh_shape[1] + ww_shape[1]) * _numel(x_shape)
 
 
 class DecomposedConv3dBatchNormFunction(torch.autograd.Function):

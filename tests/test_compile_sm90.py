@@ -31,4 +31,4 @@ def test_every_kernel_compiles_for_sm90():
                         "_bn_grad_sums_kernel", "_bn_coef_kernel", "_bn_table_kernel", "_bn_dx_kernel",
                         "_weight_grads_kernel",
                         "_siglip_fwd_kernel", "_siglip_grad_kernel", "_siglip_stripe_grad_kernel"}
-    assert len(lines) == 55 and all(int(line.split("-> ")[1].split()[0]) > 100 for line in lines), run.stdout
+    assert len(lines) == 68 and all(int(line.split("-> ")[1].split()[0]) > 50 for line in lines), run.stdout

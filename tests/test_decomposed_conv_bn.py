@@ -248,3 +248,43 @@ def test_torch_compile_fullgraph_matches_eager_in_training():
         torch.testing.assert_close(b_c, b_e, rtol=1e-5, atol=1e-6)
     assert {"dcformer_kernels.decomposed_conv3d_bn_forward.default",
             "dcformer_kernels.decomposed_conv3d_bn_backward.default"} <= traced, sorted(traced)
+
+
+def test_transposed_affine_parameters_get_row_per_branch_gradients():
+    """γ and β given as (C, 3) parameters seen through .T (dense, not row-major): the gradients come
+    back in the same (3, C) meaning as the arguments."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 4, 4, 5, 3, dtype=torch.float64)
+    ws = [torch.randn(4, k, dtype=torch.float64) for k in (3, 5, 3)]
+    gamma_t = (torch.rand(4, 3, dtype=torch.float64) + 0.5).requires_grad_()
+    beta_t = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn_like(x)
+    y = bn_op.decomposed_conv3d_batchnorm_train(x, *ws, gamma_t.T, beta_t.T)[0]
+    got = torch.autograd.grad(y, [gamma_t, beta_t], grad)
+    gamma_r, beta_r = gamma_t.detach().clone().requires_grad_(), beta_t.detach().clone().requires_grad_()
+    ref = sum(F.batch_norm(branch_conv3d(x, w, b), None, None, gamma_r[:, b], beta_r[:, b], training=True, eps=1e-5)
+              for b, w in enumerate(ws))
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    for g, e in zip(got, torch.autograd.grad(ref, [gamma_r, beta_r], grad)):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+
+def test_flop_counter_counts_the_fused_unit_as_the_unfused_convs():
+    """FlopCounterMode (no BatchNorm counted) gives the fused unit's forward the unfused module's
+    conv FLOPs, and its backward twice that (input and weight gradients), as for the plain fused
+    op. (The unfused module's backward counts more: PyTorch's formula counts a grouped conv's
+    weight gradient as if the conv were not grouped.)"""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(7)
+    layer = _layer(4, (3, 5, 3))
+    x = torch.randn(2, 4, 4, 5, 6, requires_grad=True)
+    forward = 2 * (3 + 5 + 3) * x.numel()
+    for fn in (layer, lambda t: _unfused(layer, t)):
+        with FlopCounterMode(display=False) as counter:
+            y = fn(x)
+        assert counter.get_total_flops() == forward
+    with FlopCounterMode(display=False) as counter:
+        layer(x).sum().backward()
+    assert counter.get_total_flops() == 3 * forward
+
