@@ -36,33 +36,51 @@ def _three_convs(modules):
 
 
 def _variants(c, k, dtype, device, gpu):
-    """name -> (forward callable taking x, input memory format, has backward)."""
+    """name -> (forward callable taking x, input memory format, the parameters whose gradients a
+    training step needs, or None for a forward-only variant)."""
     wd, wh, ww = (torch.randn(c, k, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     bias = torch.randn(c, device=device, dtype=dtype, requires_grad=True)
+    fused_params = (wd, wh, ww, bias)
     convs = []
     for shape in ((k, 1, 1), (1, k, 1), (1, 1, k)):
         conv = torch.nn.Conv3d(c, c, shape, padding=tuple(s // 2 for s in shape), groups=c).to(device, dtype)
         convs.append(conv)
+    conv_params = tuple(p for conv in convs for p in conv.parameters())
     variants = {
-        "three_conv3d_ncdhw": (_three_convs(convs), torch.contiguous_format, True),
-        "three_conv3d_cl": (_three_convs(convs), torch.channels_last_3d, True),
+        "three_conv3d_ncdhw": (_three_convs(convs), torch.contiguous_format, conv_params),
+        "three_conv3d_cl": (_three_convs(convs), torch.channels_last_3d, conv_params),
     }
     if gpu:
         variants = {
-            "fused_ncdhw": (lambda x: decomposed_conv3d(x, wd, wh, ww, bias), torch.contiguous_format, True),
-            "fused_cl": (lambda x: decomposed_conv3d(x, wd, wh, ww, bias), torch.channels_last_3d, True),
+            "fused_ncdhw": (lambda x: decomposed_conv3d(x, wd, wh, ww, bias), torch.contiguous_format, fused_params),
+            "fused_cl": (lambda x: decomposed_conv3d(x, wd, wh, ww, bias), torch.channels_last_3d, fused_params),
             **variants,
         }
         dense = torch.randn(c, 1, k, k, k, device=device, dtype=dtype)
         variants["dense_k3_depthwise"] = (lambda x: F.conv3d(x, dense, None, 1, k // 2, 1, c),
-                                          torch.contiguous_format, False)
+                                          torch.contiguous_format, None)
         compiled = torch.compile(decomposed_conv3d_reference)
-        variants["compiled_reference"] = (lambda x: compiled(x, wd, wh, ww, bias), torch.contiguous_format, True)
+        variants["compiled_reference"] = (lambda x: compiled(x, wd, wh, ww, bias), torch.contiguous_format,
+                                          fused_params)
     else:
         cpu_path = lambda x: decomposed_conv3d(x, wd, wh, ww, bias, backend="torch")  # noqa: E731
-        variants = {"cpu_path_ncdhw": (cpu_path, torch.contiguous_format, True),
-                    "cpu_path_cl": (cpu_path, torch.channels_last_3d, True), **variants}
+        variants = {"cpu_path_ncdhw": (cpu_path, torch.contiguous_format, fused_params),
+                    "cpu_path_cl": (cpu_path, torch.channels_last_3d, fused_params), **variants}
     return variants
+
+
+def _modes(fn, x, params):
+    """mode -> (callable, tensors of x's size it moves at the floor) for one variant, bound to
+    these arguments. Backward and forward+backward compute every gradient a training step needs
+    (x's, the weights' and the bias's), as the fused op always does."""
+    y = fn(x)
+    modes = {"forward": (lambda: fn(x), 2)}
+    if params is not None:
+        g = torch.randn_like(y)
+        leaves = [x, *params]
+        modes["backward"] = (lambda: torch.autograd.grad(y, leaves, g, retain_graph=True), 3)
+        modes["forward+backward"] = (lambda: torch.autograd.grad(fn(x), leaves, g), 5)
+    return modes
 
 
 def run(out_dir: Path, quick: bool = False, stages=None, dtypes=None, batches=None, budget_s: float | None = None,
@@ -104,19 +122,15 @@ def _run(out_dir, quick, stages, dtypes, batches, budget_s, compile_only) -> Pat
                                 env=env))
                 both: dict[str, float] = {}  # forward+backward median per variant
                 steps: dict[str, object] = {}  # forward+backward callables per variant
-                for variant, (fn, fmt, has_bwd) in _variants(c, k, dtype, device, gpu).items():
+                for variant, (fn, fmt, params) in _variants(c, k, dtype, device, gpu).items():
                     if variant == "compiled_reference" and (batch != 2 or dtype != torch.bfloat16 or k != 13):
                         continue  # one inductor compile (the k=13 stage) keeps the run short
                     if variant == "dense_k3_depthwise" and batch != 2:
                         continue
-                    x = x0.contiguous(memory_format=fmt).requires_grad_(has_bwd)
+                    # a fresh tensor per variant: a forward-only variant's must not change the next one's
+                    x = x0.clone(memory_format=fmt).requires_grad_(params is not None)
                     try:
-                        y = fn(x)
-                        g = torch.randn_like(y)
-                        modes = {"forward": (lambda: fn(x), 2)}
-                        if has_bwd:
-                            modes["backward"] = (lambda: torch.autograd.grad(y, x, g, retain_graph=True), 3)
-                            modes["forward+backward"] = (lambda: torch.autograd.grad(fn(x), x, g), 5)
+                        modes = _modes(fn, x, params)
                         for mode, (call, tensors) in modes.items():
                             t = time_fn(call, min_reps=7)
                             gbs = tensors * numel * elt / t.median_ms / 1e6
@@ -129,7 +143,7 @@ def _run(out_dir, quick, stages, dtypes, batches, budget_s, compile_only) -> Pat
                             if mode == "forward+backward":
                                 both[variant] = t.median_ms
                                 steps[variant] = call
-                        mem = peak_memory_bytes(lambda: torch.autograd.grad(fn(x), x, g)) if has_bwd else None
+                        mem = peak_memory_bytes(modes["forward+backward"][0]) if params is not None else None
                         if mem is not None:
                             rows.append(Row("decomposed_conv3d", variant, name, dt, "forward+backward",
                                             "peak_memory", round(mem / 2**20, 1), "MiB", env=env))

@@ -83,7 +83,8 @@ def compile_only(enabled: bool = True):
 def time_fn(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 3) -> Timing:
     """Median (p20, p80) wall time of ``fn`` in ms: CUDA events via do_bench on GPU, perf_counter on CPU.
 
-    On CPU at least ``min_reps`` timed calls after one warm-up call (5 or more give real p20/p80).
+    On CPU at least ``min_reps`` timed calls after one warm-up call (5 or more give real p20/p80;
+    with fewer, p20 and p80 are the fastest and the slowest call).
     """
     if _COMPILE_ONLY:
         fn()
@@ -91,7 +92,15 @@ def time_fn(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100
     if torch.cuda.is_available():
         import triton.testing
 
-        p20, med, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
+        # do_bench repeats max(1, rep / its estimate) times: stretch rep so that a slow call is
+        # still timed min_reps times (at most 10 s), from one call after a warm one.
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        rep = min(max(rep_ms, min_reps * (time.perf_counter() - start) * 1e3), 10_000.0)
+        p20, med, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep, quantiles=[0.2, 0.5, 0.8])
         return Timing(med, p20, p80)
     warm_until = time.perf_counter() + warmup_ms / 1e3
     fn()  # warm-up: at least one call, and until warmup_ms has passed (first calls build kernels, caches)
@@ -103,8 +112,10 @@ def time_fn(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    q = statistics.quantiles(samples, n=5) if len(samples) >= 5 else [min(samples)] * 4
-    return Timing(statistics.median(samples), q[0], q[3])
+    if len(samples) >= 5:
+        q = statistics.quantiles(samples, n=5)
+        return Timing(statistics.median(samples), q[0], q[3])
+    return Timing(statistics.median(samples), min(samples), max(samples))
 
 
 def peak_memory_bytes(fn: Callable[[], object]) -> int | None:

@@ -69,3 +69,36 @@ def test_tune_siglip_sweep_runs_each_candidate_and_summary_names_the_best(tmp_pa
     write_csv(rows, tmp_path / "tune_siglip.csv")
     text = summary(tmp_path, {})
     assert text.count("tune_siglip B=48 d=24 ") == 2 and "(default 32x32x16 w1 s1 " in text
+
+
+def test_conv_bench_steps_run_their_own_variant(tmp_path, monkeypatch):
+    """Each variant's forward+backward callable (used for speed-ups and CUDA-graph replays after the
+    variant loop) runs that variant, and computes every gradient a training step needs."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(bench_conv, "CPU_SHAPES", [(4, 4, 5, 6, 3)])
+    monkeypatch.setattr(bench_conv, "time_fn", lambda call, **kw: (call(), common.Timing(1.0, 1.0, 1.0))[1])
+    steps = {}
+    monkeypatch.setattr(bench_conv, "_speedups", lambda both, found, *args: steps.update(found) or [])
+    bench_conv.run(tmp_path)
+    assert set(steps) == {"cpu_path_ncdhw", "cpu_path_cl", "three_conv3d_ncdhw", "three_conv3d_cl"}
+    for variant, step in steps.items():
+        grads = step()
+        assert len(grads) == (5 if variant.startswith("cpu_path") else 7), variant  # x, then every parameter
+        assert grads[0].is_contiguous() != variant.endswith("_cl"), variant  # the variant's own input
+
+
+def test_gpu_timing_window_holds_min_reps_of_a_slow_call(monkeypatch):
+    """do_bench repeats max(1, rep / estimate) times: time_fn stretches rep for a slow call."""
+    import time
+
+    import triton.testing
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda fn, warmup, rep, quantiles: seen.update(rep=rep) or (1, 2, 3))
+    assert time_fn(lambda: time.sleep(0.05), rep_ms=100, min_reps=3) == common.Timing(2, 1, 3)
+    assert 150 <= seen["rep"] < 200  # three calls of ~50 ms
+    time_fn(lambda: None, rep_ms=100)
+    assert seen["rep"] == 100
