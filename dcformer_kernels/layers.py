@@ -28,7 +28,11 @@ _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)  # autocast 
 def _autocast(x: torch.Tensor, tensors: list) -> tuple[torch.Tensor, list]:
     """Under autocast, run the fused op in the autocast dtype, as nn.Conv3d would: floating
     tensors other than float64 are cast."""
-    if not torch.is_autocast_enabled(x.device.type):
+    try:
+        enabled = torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta): nothing to cast
+        return x, tensors
+    if not enabled:
         return x, tensors
     dtype = torch.get_autocast_dtype(x.device.type)
 

@@ -182,6 +182,11 @@ def test_vit_rejects_volumes_that_are_not_a_multiple_of_the_patch():
         create_model("vit3d_naive", depth=3)
 
 
+def test_convnext_rejects_an_even_kernel_size():
+    with pytest.raises(ValueError, match="kernel_size must be a positive odd int .*; got 8"):
+        create_model("convnext3d_nano", kernel_size=8)
+
+
 def test_pooling_mixer_matches_avgpool_and_runs_on_maps_smaller_than_its_kernel():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 5, 6, 7)

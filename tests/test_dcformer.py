@@ -1,6 +1,7 @@
 """DCFormer encoder: registry, parameter counts, official-checkpoint loading, layouts."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -54,6 +55,17 @@ def test_bad_input():
         model(torch.randn(1, 1, 32, 64, 64))
     with pytest.raises(ValueError, match="stem_act must be None or 'gelu'"):
         create_model("dcformer_nano", stem_act="relu")
+    with pytest.raises(ValueError, match=r"blocks\[0\] \(stem repeats\) must be 1; got blocks=\(3, 1, 1, 1, 1\)"):
+        create_model("dcformer_nano", blocks=(3, 1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_meta_tensors_give_the_feature_shapes(mode):
+    """Shape checks without memory or compute (e.g. for FLOP counts at full size)."""
+    model = create_model("dcformer_nano").to("meta").train(mode == "train")
+    features = model.forward_features(torch.empty(1, 1, 64, 96, 128, device="meta"))
+    assert [tuple(f.shape) for f in features] == [(1, 32, 16, 24, 32), (1, 32, 8, 12, 16), (1, 64, 4, 6, 8),
+                                                  (1, 128, 2, 3, 4), (1, 256, 1, 2, 2)]
 
 
 def test_channels_last_and_contiguous_inputs_agree():
@@ -66,17 +78,22 @@ def test_channels_last_and_contiguous_inputs_agree():
 
 
 def test_gradient_checkpointing_gives_identical_results():
+    """Outputs, gradients and the BatchNorm running statistics (the recompute in backward must not
+    count the batch twice)."""
     torch.manual_seed(2)
-    model = create_model("dcformer_nano", backend="torch", layer_scale_init=0.5, channels=SMALL).train()
+    plain = create_model("dcformer_nano", backend="torch", layer_scale_init=0.5, channels=SMALL).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.set_grad_checkpointing(True)
     x = torch.randn(2, 1, 64, 64, 64, requires_grad=True)
-    y0 = model(x)
-    g0 = torch.autograd.grad(y0.square().sum(), [x, *model.parameters()])
-    model.set_grad_checkpointing(True)
-    y1 = model(x)
-    g1 = torch.autograd.grad(y1.square().sum(), [x, *model.parameters()])
+    y0 = plain(x)
+    g0 = torch.autograd.grad(y0.square().sum(), [x, *plain.parameters()])
+    y1 = checkpointed(x)
+    g1 = torch.autograd.grad(y1.square().sum(), [x, *checkpointed.parameters()])
     torch.testing.assert_close(y1, y0)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b)
+    for (name, a), b in zip(checkpointed.named_buffers(), plain.buffers()):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 def test_fused_kernels_run_inside_the_model():

@@ -76,6 +76,9 @@ class ConvNeXt3D(Encoder3D):
         cfg = self.resolve_config(config, ConvNeXt3DConfig, overrides)
         if len(cfg.depths) != 4 or len(cfg.dims) != 4:
             raise ValueError(f"ConvNeXt3D expects 4 depths and 4 dims; got depths={cfg.depths}, dims={cfg.dims}")
+        if isinstance(cfg.kernel_size, bool) or not isinstance(cfg.kernel_size, int) or cfg.kernel_size < 1 \
+                or cfg.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int (same-size padding); got {cfg.kernel_size!r}")
         self.config = cfg
         self.in_channels = cfg.in_channels
         d = cfg.dims

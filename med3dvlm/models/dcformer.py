@@ -122,6 +122,10 @@ class DCFormer(Encoder3D):
             raise ValueError(
                 f"DCFormer expects 5 blocks/channels entries (stem + 4 stages) and 4 kernel sizes; got "
                 f"blocks={cfg.blocks}, channels={cfg.channels}, kernel_sizes={cfg.kernel_sizes}")
+        if cfg.blocks[0] != 1:
+            # The official code would repeat the whole stem (each copy downsampling by stem_stride);
+            # no released variant does, and silently building one stem would be a different model.
+            raise ValueError(f"blocks[0] (stem repeats) must be 1; got blocks={cfg.blocks}")
         self.config = cfg
         self.in_channels = cfg.in_channels
         c = cfg.channels

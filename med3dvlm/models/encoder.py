@@ -4,10 +4,12 @@
 - ``feature_info`` -> one dict per stage: ``num_chs``, ``reduction`` (input size / map size
   along each axis, as a 3-tuple) and ``module`` (name of the stage);
 - ``forward(x)`` -> the last stage's map;
-- ``set_grad_checkpointing(True)`` recomputes each stage in backward (same results, less memory).
+- ``set_grad_checkpointing(True)`` recomputes each stage in backward (same results, less memory;
+  the recompute leaves BatchNorm running statistics as the forward left them).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -52,7 +54,8 @@ class Encoder3D(nn.Module):
 
     def run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled() and x.requires_grad:
-            return checkpoint(stage, x, use_reentrant=False)
+            return checkpoint(stage, x, use_reentrant=False,
+                              context_fn=lambda: (contextlib.nullcontext(), _running_stats_kept(stage)))
         return stage(x)
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -65,3 +68,18 @@ class Encoder3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[-1]
+
+
+@contextlib.contextmanager
+def _running_stats_kept(module: nn.Module):
+    """Within the block, the BatchNorm running statistics under ``module`` keep their values: a
+    checkpointed stage's recompute in backward must not count its batch a second time."""
+    buffers = [buf for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for buf in (m.running_mean, m.running_var, m.num_batches_tracked) if buf is not None]
+    saved = [buf.clone() for buf in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in zip(buffers, saved):
+                buf.copy_(value)
