@@ -4,10 +4,12 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# The CPU build of torch when no NVIDIA driver is present, so pip never pulls a multi-GB CUDA
-# build on a CPU machine. Override TORCH_SPEC / TORCH_PIP_ARGS, e.g.
+# Without an NVIDIA driver: the CPU build of torch by its local version label, so pip never pulls
+# PyPI's multi-GB CUDA build on a CPU machine (PyPI has no "+cpu" wheel: pip finds it in a local
+# wheel directory or fails). Point pip at an index that has it with TORCH_PIP_ARGS, e.g.
 #   make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC     ?= torch==2.13.0
+TORCH_CPU_SPEC ?= torch==2.13.0+cpu
 TORCH_PIP_ARGS ?=
 # Triton 3.9.0's interpreter rejects some mixed scalar/block masks; 3.8.0 runs the kernels on CPU.
 TRITON_SPEC    ?= triton==3.8.0
@@ -22,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		$(PIP) install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS); \
 	else \
-		$(PIP) install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS) && $(PIP) install -q "$(TRITON_SPEC)"; \
+		$(PIP) install -q "$(TORCH_CPU_SPEC)" $(TORCH_PIP_ARGS) && $(PIP) install -q "$(TRITON_SPEC)"; \
 	fi
 	$(PIP) install -q -e ".[dev]"
 	touch $(STAMP)

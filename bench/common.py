@@ -20,15 +20,21 @@ CSV_FIELDS = ["model", "variant", "input", "dtype", "backend", "metric", "value"
               "device", "torch", "triton", "cuda", "date"]
 
 
-def environment() -> dict:
-    """Device name and library versions stamped on every row."""
+def _on_cuda(cuda: bool | None) -> bool:
+    """Whether a measurement runs on CUDA: as asked, or (None) wherever a CUDA device exists."""
+    return torch.cuda.is_available() if cuda is None else cuda
+
+
+def environment(cuda: bool | None = None) -> dict:
+    """Device name and library versions stamped on every row (``cuda=False``: the CPU's, also on
+    a machine with a GPU)."""
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = "absent"
-    if torch.cuda.is_available():
+    if _on_cuda(cuda):
         device = torch.cuda.get_device_name()
     else:
         device = f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} logical cores, " \
@@ -80,8 +86,10 @@ def compile_only(enabled: bool = True):
         _COMPILE_ONLY = saved
 
 
-def time_fn(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 3) -> Timing:
-    """Median (p20, p80) wall time of ``fn`` in ms: CUDA events via do_bench on GPU, perf_counter on CPU.
+def time_fn(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 3,
+            cuda: bool | None = None) -> Timing:
+    """Median (p20, p80) wall time of ``fn`` in ms: CUDA events via do_bench on GPU, perf_counter on CPU
+    (``cuda``: which; None = CUDA wherever a device exists).
 
     On CPU at least ``min_reps`` timed calls after one warm-up call (5 or more give real p20/p80;
     with fewer, p20 and p80 are the fastest and the slowest call).
@@ -89,7 +97,7 @@ def time_fn(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100
     if _COMPILE_ONLY:
         fn()
         return Timing(math.nan, math.nan, math.nan)
-    if torch.cuda.is_available():
+    if _on_cuda(cuda):
         import triton.testing
 
         # do_bench repeats max(1, rep / its estimate) times: stretch rep so that a slow call is
@@ -170,9 +178,10 @@ def cpu_peak_allocated_bytes(fn: Callable[[], object]) -> int:
     return peak
 
 
-def peak_memory(fn: Callable[[], object]) -> tuple[float, str]:
-    """Peak memory of one call of ``fn`` in MiB, and the name of the measure (for the unit column)."""
-    if torch.cuda.is_available():
+def peak_memory(fn: Callable[[], object], cuda: bool | None = None) -> tuple[float, str]:
+    """Peak memory of one call of ``fn`` in MiB, and the name of the measure (for the unit column);
+    ``cuda`` as for time_fn."""
+    if _on_cuda(cuda):
         peak = peak_memory_bytes(fn)  # None in compile-only mode
         return (math.nan if peak is None else peak / 2**20), CUDA_PEAK_MEASURE
     return cpu_peak_allocated_bytes(fn) / 2**20, CPU_PEAK_MEASURE

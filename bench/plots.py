@@ -106,9 +106,13 @@ def plot_speedup(rows: list[dict], path: Path) -> Path | None:
     width = 0.38
     for i, variant in enumerate(variants):
         values = [next((float(r["value"]) for r in data
-                        if (r["model"], r["dtype"]) == g and r["variant"] == variant), 0) for g in groups]
-        ax.bar([k + (i - 0.5) * width for k in range(len(groups))], values, width,
+                        if (r["model"], r["dtype"]) == g and r["variant"] == variant), None) for g in groups]
+        at = [k + (i - 0.5) * width for k in range(len(groups))]
+        measured = [(x, v) for x, v in zip(at, values) if v is not None]
+        ax.bar([x for x, _ in measured], [v for _, v in measured], width,
                label="forward" if variant == "inference" else "training step")
+        for x in (x for x, v in zip(at, values) if v is None):  # a missing pair is marked, not drawn as 0
+            ax.text(x, 0.05, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(groups)), [f"{m}\n{d}" for m, d in groups], fontsize=7)
     ax.set_ylabel("speed-up, unfused time / fused time")

@@ -28,8 +28,8 @@ def main(argv=None) -> None:
                              f"still written (default {DEFAULT_BUDGET_S['gpu']:.0f} with --gpu, "
                              f"{DEFAULT_BUDGET_S['cpu']:.0f} on CPU)")
     parser.add_argument("--models", nargs="+", default=None, metavar="PATTERN",
-                        help="registry names or shell patterns, e.g. 'dcformer_*' (default: the suite in "
-                             "bench/models/specs.py)")
+                        help="names or shell patterns of the suite's encoders (SUITE in bench/models/specs.py), "
+                             "e.g. 'dcformer_*' (default: all of them)")
     parser.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32"],
                         help="model suite dtypes (default: bfloat16 float32 with --gpu, float32 on CPU)")
     parser.add_argument("--skip-conv", action="store_true", help="CPU: skip the decomposed-conv kernel benchmark")

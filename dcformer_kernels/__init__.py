@@ -7,7 +7,7 @@
 from .decomposed_conv import DecomposedConv3dFunction, decomposed_conv3d, fvcore_op_handles
 from .decomposed_conv_bn import decomposed_conv3d_batchnorm_train
 from .layers import DecomposedConv3d
-from .reference import decomposed_conv3d_reference, siglip_loss_reference
+from .reference import decomposed_conv3d_batchnorm_train_reference, decomposed_conv3d_reference, siglip_loss_reference
 from .siglip import SigLIPLoss, SigLIPLossFunction, siglip_loss, siglip_loss_gather, siglip_loss_ring
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "DecomposedConv3dFunction",
     "decomposed_conv3d_reference",
     "decomposed_conv3d_batchnorm_train",
+    "decomposed_conv3d_batchnorm_train_reference",
     "fvcore_op_handles",
     "siglip_loss",
     "siglip_loss_gather",

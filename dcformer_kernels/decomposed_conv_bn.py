@@ -32,7 +32,7 @@ import torch
 import torch.utils.flop_counter
 from torch.autograd.function import once_differentiable
 
-from ._dispatch import HAS_TRITON, cdiv, launch_directly, next_power_of_2, triton_interpreting
+from ._dispatch import HAS_TRITON, cdiv, launch_directly, next_power_of_2, resolve_backend, triton_interpreting
 from .decomposed_conv import (
     _acc_dtype,
     _block_kwargs,
@@ -46,6 +46,7 @@ from .decomposed_conv import (
     _weight_grads,
     check_decomposed_conv3d_args,
 )
+from .reference import decomposed_conv3d_batchnorm_train_reference
 
 if HAS_TRITON:
     import triton
@@ -495,17 +496,22 @@ def _check_branch_params(x, **params) -> None:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
-def decomposed_conv3d_batchnorm_train(x, weight_d, weight_h, weight_w, gamma, beta, eps: float = 1e-5):
+def decomposed_conv3d_batchnorm_train(x, weight_d, weight_h, weight_w, gamma, beta, eps: float = 1e-5,
+                                      backend: str = "auto"):
     """Training-mode Σ_b BN_b(K_b x) on the fused kernels (stride 1).
 
     Args:
         x: (N, C, D, H, W); weight_d/h/w: (C, k); gamma, beta: (3, C) per-branch BN affine
             parameters (rows D, H, W); eps: BN epsilon.
+        backend: "auto" (Triton on CUDA, PyTorch on CPU unless TRITON_INTERPRET=1), "triton" or
+            "torch" (``reference.decomposed_conv3d_batchnorm_train_reference``: three branch tensors).
     Returns:
         y, batch mean (3, C) and biased batch variance (3, C) of the branch convs without bias
         (float64; for the running statistics).
     """
     check_decomposed_conv3d_args(x, weight_d, weight_h, weight_w, None, 1)
     _check_branch_params(x, gamma=gamma, beta=beta)
+    if resolve_backend(backend, x.device) == "torch":
+        return decomposed_conv3d_batchnorm_train_reference(x, weight_d, weight_h, weight_w, gamma, beta, eps)
     return DecomposedConv3dBatchNormFunction.apply(x, weight_d, weight_h, weight_w, gamma, beta, eps)
 

@@ -46,7 +46,8 @@ class DecomposedConv3d(nn.Module):
     """A k×k×k Conv3d replaced by three parallel 1D convs along D, H and W, summed (DCFormer).
 
     A drop-in for ``nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding=k//2,
-    groups=groups, bias=bias)`` shapes-wise.
+    groups=groups, bias=bias)`` shapes-wise. Arguments after ``stride`` are keyword-only: nn.Conv3d's
+    fifth positional argument is ``padding``, which here is always k//2 per axis.
 
     - ``groups == in_channels == out_channels``: the fused depthwise op (one kernel each way).
     - other ``groups``: three ``nn.Conv3d`` branches summed (correct, not fused).
@@ -68,7 +69,7 @@ class DecomposedConv3d(nn.Module):
     onto DCFormer's per-branch layout.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride: int = 1, groups: int = 1,
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride: int = 1, *, groups: int = 1,
                  bias: bool = True, norm: str | None = None, backend: str = "auto") -> None:
         super().__init__()
         kd, kh, kw = _triple(kernel_size)
@@ -115,7 +116,7 @@ class DecomposedConv3d(nn.Module):
         x, (wd, wh, ww) = _autocast(x, [conv.weight.reshape(c, -1) for conv in self.branches])
         gamma = torch.stack([bn.weight for bn in self.norms])
         beta = torch.stack([bn.bias for bn in self.norms])
-        y, mean, var = decomposed_conv3d_batchnorm_train(x, wd, wh, ww, gamma, beta, self.norms[0].eps)
+        y, mean, var = decomposed_conv3d_batchnorm_train(x, wd, wh, ww, gamma, beta, self.norms[0].eps, self.backend)
         tracked = [b for b, bn in enumerate(self.norms) if bn.training and bn.track_running_stats]
         if tracked:
             self._update_running_stats(tracked, mean, var * (count / (count - 1)))
@@ -187,8 +188,8 @@ class DecomposedConv3d(nn.Module):
                     raise ValueError(f"fuse() folds running statistics, but norms.{i} keeps none "
                                      f"(track_running_stats=False): its output depends on each batch")
         weight = self.branches[0].weight
-        fused = DecomposedConv3d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.groups,
-                                 bias=True, norm=None, backend=self.backend)
+        fused = DecomposedConv3d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                 groups=self.groups, bias=True, norm=None, backend=self.backend)
         fused = fused.to(device=weight.device, dtype=weight.dtype)  # before the copies: no float32 round trip
         weights, bias = self.folded_parameters()
         for conv, w in zip(fused.branches, weights):

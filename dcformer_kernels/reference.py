@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["decomposed_conv3d_reference", "branch_conv3d"]
+__all__ = ["decomposed_conv3d_reference", "decomposed_conv3d_batchnorm_train_reference", "branch_conv3d"]
 
 _AXIS_KERNEL_SHAPE = {
     0: lambda k: (k, 1, 1),  # along D
@@ -42,6 +42,23 @@ def decomposed_conv3d_reference(x: torch.Tensor, weight_d: torch.Tensor, weight_
     y = y + branch_conv3d(x, weight_h, 1, stride)
     return y + branch_conv3d(x, weight_w, 2, stride)
 
+
+
+def decomposed_conv3d_batchnorm_train_reference(x: torch.Tensor, weight_d: torch.Tensor, weight_h: torch.Tensor,
+                                                weight_w: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                                                eps: float = 1e-5):
+    """y = sum_b BN_b(z_b), z_b = branch_conv3d(x, w_b, b), each BatchNorm with this batch's statistics.
+
+    Returns y and the (3, C) batch mean and biased variance of the z_b (float64, no gradient), as
+    ``decomposed_conv3d_batchnorm_train`` does: three branch tensors, written for clarity.
+    """
+    y, means, variances = 0, [], []
+    for b, w in enumerate((weight_d, weight_h, weight_w)):
+        z = branch_conv3d(x, w, b)
+        y = y + F.batch_norm(z, None, None, gamma[b], beta[b], training=True, eps=eps)
+        means.append(z.detach().double().mean((0, 2, 3, 4)))
+        variances.append(z.detach().double().var((0, 2, 3, 4), unbiased=False))
+    return y, torch.stack(means), torch.stack(variances)
 
 # ----------------------------------------------------------------------------------------
 # SigLIP pairwise-sigmoid loss

@@ -21,7 +21,10 @@ matmuls give dX[stripe] = t G Y and add t G^T X[stripe] to dY (fp32, stripes in 
 6 B^2 d FLOPs, two thirds of them on cuBLAS, O(R B + B d) memory. ``backward_impl`` picks one;
 "auto" takes the stripes above d = 256 or 8192^2 pairs. The PyTorch path (CPU) is the same
 stripes algorithm with the logits of a stripe as one torch matmul and G in torch ops.
-Saved for backward: x, y, t', b (and the group ids); nothing of size B x B is ever stored.
+Saved for backward: x, y, t', b (and the group ids). Memory: the forward and the fused backward
+hold no pair matrix at all; the stripes (and the PyTorch path) hold one stripe of at most
+STRIPE_ELEMENTS pairs, bounded whatever B is (below 2^27 pairs on CUDA, B < 11.6k, and 2^22 on
+CPU, B <= 2048, one stripe is the whole B x B).
 
 The same block functions (rows of X against columns of Y, with global row/column offsets that
 say where the diagonal lies) serve the single-process loss and the two multi-process modes,
@@ -642,7 +645,8 @@ class SigLIPLossFunction(torch.autograd.Function):
 def siglip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
                 group_ids: torch.Tensor | None = None, backend: str = "auto",
                 backward_impl: str = "auto") -> torch.Tensor:
-    """SigLIP pairwise-sigmoid loss, fused: no B x B matrix is materialised.
+    """SigLIP pairwise-sigmoid loss, fused: memory bounded whatever B is (no B x B matrix beyond a
+    stripe of at most 2^27 pairs; see ``backward_impl``).
 
         L = -(1/B) sum_i sum_j log sigmoid(z_ij * (exp(logit_scale) * <x_i, y_j> + logit_bias))
 

@@ -1,4 +1,5 @@
 """Test setup: run the Triton kernels through the interpreter on CPU tensors."""
+import contextlib
 import os
 
 # Must be set before triton is imported anywhere.
@@ -10,6 +11,28 @@ import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+
+
+@contextlib.contextmanager
+def _poisoned_allocations():
+    """Every torch.empty inside the block comes back full of NaN, so unwritten outputs show."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = real_empty
+
+
+@pytest.fixture
+def poisoned_allocations():
+    """``with poisoned_allocations(): ...``: see _poisoned_allocations."""
+    return _poisoned_allocations
 
 
 @pytest.fixture

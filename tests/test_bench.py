@@ -172,3 +172,24 @@ def test_budget_skips_and_still_reports(tmp_path, monkeypatch):
     rows = read_csv(csv_path)
     assert rows and all(r["metric"] == "skipped" for r in rows)
     assert "Not measured" in csv_path.with_suffix(".md").read_text()
+
+
+def test_a_models_pattern_matching_nothing_is_an_error():
+    from bench.models import select_encoders
+
+    assert [e.name for e in select_encoders(["dcformer_nano"], gpu=False)] == ["dcformer_nano"]
+    with pytest.raises(ValueError, match=r"--models \['dcformer_large'\] match no encoder of the suite"):
+        select_encoders(["dcformer_nano", "dcformer_large"], gpu=False)
+
+
+def test_cpu_measurements_stay_cpu_on_a_machine_with_a_gpu(monkeypatch):
+    """A CPU run on a CUDA host: CPU name, perf_counter timing, the CPU allocator's peak."""
+    from bench import common
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
+    assert common.environment()["device"] == "Some GPU"
+    assert common.environment(cuda=False)["device"].startswith("CPU: ")
+    assert common.time_fn(lambda: None, rep_ms=1, cuda=False).median_ms >= 0  # no CUDA call made
+    mib, measure = common.peak_memory(lambda: torch.ones(1 << 18), cuda=False)
+    assert measure == common.CPU_PEAK_MEASURE and mib == 1.0

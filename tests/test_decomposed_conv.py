@@ -1,7 +1,6 @@
 """Fused decomposed depthwise conv (Triton under the interpreter on CPU) against the reference."""
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -12,22 +11,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dcformer_kernels.decomposed_conv as dc
 from dcformer_kernels import DecomposedConv3d, decomposed_conv3d, decomposed_conv3d_reference
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """Every torch.empty inside the block comes back full of NaN, so unwritten outputs show."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    torch.empty = empty
-    try:
-        yield
-    finally:
-        torch.empty = real_empty
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -58,7 +41,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("shape,ks,stride,channels_last,bias", CASES)
-def test_forward_backward_match_reference(shape, ks, stride, channels_last, bias):
+def test_forward_backward_match_reference(shape, ks, stride, channels_last, bias, poisoned_allocations):
     torch.manual_seed(hash((shape, ks, stride)) % 2**31)
     x, weights, b = make_inputs(shape, ks, bias, channels_last=channels_last)
     with poisoned_allocations():
@@ -172,7 +155,7 @@ TC_CASES = [
 
 
 @pytest.mark.parametrize("shape,ks,layout,dtype,bias", TC_CASES)
-def test_tensor_core_forward_matches_reference(shape, ks, layout, dtype, bias, monkeypatch):
+def test_tensor_core_forward_matches_reference(shape, ks, layout, dtype, bias, monkeypatch, poisoned_allocations):
     """The banded-matrix forward (run here with IEEE fp32 / fp16 dots): cubes of 16 with partial
     cubes on every axis, odd channel counts (two channels per program), both memory formats, a
     strided view, k = 1 and k = 31 on every axis (halos wider than the cube)."""
@@ -195,7 +178,7 @@ def test_tensor_core_forward_matches_reference(shape, ks, layout, dtype, bias, m
 
 
 @pytest.mark.parametrize("shape,ks,layout,dtype,bias", [c for c in TC_CASES if c[3] == torch.float32])
-def test_tensor_core_backward_matches_reference(shape, ks, layout, dtype, bias, monkeypatch):
+def test_tensor_core_backward_matches_reference(shape, ks, layout, dtype, bias, monkeypatch, poisoned_allocations):
     """dx as the forward of g with reversed kernels; weight/bias gradients as diagonal sums of
     per-cube products (the tensor-core backward); bitwise repeatable."""
     monkeypatch.setattr(dc, "TENSOR_CORES", "always")
@@ -471,6 +454,12 @@ def test_layer_bad_arguments(kwargs, pattern):
         DecomposedConv3d(**args)
 
 
+def test_layer_takes_no_positional_padding():
+    """nn.Conv3d's fifth positional argument is padding: here it must not become groups silently."""
+    with pytest.raises(TypeError, match="positional argument"):
+        DecomposedConv3d(96, 96, 13, 1, 6)
+
+
 def test_layer_follows_autocast():
     torch.manual_seed(12)
     layer = DecomposedConv3d(4, 4, 3, groups=4, norm="batch", backend="torch").eval()
@@ -545,6 +534,9 @@ def test_second_derivatives_raise_instead_of_dropping_terms():
     (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
         dx.square().sum().backward()
+    # the PyTorch path is differentiable twice
+    x, weights, bias = (t.detach().double().requires_grad_() for t in (x, torch.stack(weights), bias))
+    assert torch.autograd.gradgradcheck(lambda *a: decomposed_conv3d(*a, backend="torch"), (x, *weights, bias))
 
 
 def test_layer_rejects_wrong_channels():

@@ -288,3 +288,44 @@ def test_flop_counter_counts_the_fused_unit_as_the_unfused_convs():
         layer(x).sum().backward()
     assert counter.get_total_flops() == 3 * forward
 
+
+
+@pytest.mark.parametrize("layout", ["ncdhw", "channels_last", "strided view"])
+def test_kernels_match_the_torch_backend(layout, poisoned_allocations, monkeypatch):
+    """y, the batch statistics and all gradients against the PyTorch path, both memory formats and
+    a strided view, with the kernels' outputs allocated full of NaN; the PyTorch path is also what
+    "auto" runs on a CPU machine."""
+    torch.manual_seed(9)
+    base = torch.randn(2, 5, 4, 6, 7, dtype=torch.float64)
+    if layout == "channels_last":
+        base = base.contiguous(memory_format=torch.channels_last_3d)
+    x = (base[:, :, :, :, 1:6] if layout == "strided view" else base).requires_grad_()
+    ws = [torch.randn(5, k, dtype=torch.float64, requires_grad=True) for k in (3, 5, 3)]
+    gamma = (torch.rand(3, 5, dtype=torch.float64) + 0.5).requires_grad_()
+    beta = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    leaves = [x, *ws, gamma, beta]
+    grad = torch.randn(x.shape, dtype=torch.float64)
+    with poisoned_allocations():  # tests run Triton through the interpreter
+        y, mean, var = bn_op.decomposed_conv3d_batchnorm_train(x, *ws, gamma, beta, backend="triton")
+        fused = (y, mean, var, *torch.autograd.grad(y, leaves, grad))
+    y, mean, var = bn_op.decomposed_conv3d_batchnorm_train(x, *ws, gamma, beta, backend="torch")
+    reference = (y, mean, var, *torch.autograd.grad(y, leaves, grad))
+    for got, want in zip(fused, reference):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU machine: "auto" takes the PyTorch path
+    torch.testing.assert_close(bn_op.decomposed_conv3d_batchnorm_train(x, *ws, gamma, beta)[0], reference[0],
+                               rtol=0, atol=0)
+
+
+def test_second_derivatives_torch_path_exact_kernels_raise():
+    torch.manual_seed(10)
+    x = torch.randn(2, 2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    gamma = (torch.rand(3, 2, dtype=torch.float64) + 0.5).requires_grad_()
+    beta = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda *a: bn_op.decomposed_conv3d_batchnorm_train(*a, backend="torch")[0], (x, *ws, gamma, beta))
+    y = bn_op.decomposed_conv3d_batchnorm_train(x, *ws, gamma, beta, backend="triton")[0]
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        dx.square().sum().backward()

@@ -522,3 +522,23 @@ def test_gpu_stripes_at_64k_need_under_a_gibibyte():
     torch.cuda.synchronize()
     gradients = 2 * batch * dim * 2
     assert torch.cuda.max_memory_allocated() - before - gradients < 2**30
+
+
+@pytest.mark.parametrize("backward_impl", ["fused", "stripes"])
+def test_second_derivatives_torch_path_exact_triton_path_raises(backward_impl):
+    """A gradient penalty: the PyTorch path's backward is differentiable (gradgradcheck); the
+    kernels' backward has no graph and must fail loudly rather than drop terms."""
+    torch.manual_seed(11)
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+
+    def loss(*args):
+        return siglip_loss(*args, backend="torch", backward_impl=backward_impl)
+
+    assert torch.autograd.gradgradcheck(loss, (x, y, scale, bias))
+    (gx,) = torch.autograd.grad(siglip_loss(x, y, scale, bias, backend="triton", backward_impl=backward_impl), x,
+                                create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.square().sum().backward()

@@ -36,9 +36,14 @@ __all__ = ["run", "select_encoders", "speedup_rows"]
 
 
 def select_encoders(patterns: list[str] | None, gpu: bool) -> list[Encoder]:
-    """SUITE entries whose family is registered, filtered by shell-style ``patterns`` on the registry name."""
+    """SUITE entries whose family is registered, filtered by shell-style ``patterns`` on their registry
+    names; a pattern that matches none of them is an error (it would silently measure nothing)."""
     chosen = [e for e in SUITE if e.available()]
     if patterns:
+        unmatched = [p for p in patterns if not any(fnmatch.fnmatch(e.name, p) for e in chosen)]
+        if unmatched:
+            raise ValueError(f"--models {unmatched} match no encoder of the suite; it has "
+                             f"{[e.name for e in chosen]} (bench/models/specs.py SUITE)")
         return [e for e in chosen if any(fnmatch.fnmatch(e.name, p) for p in patterns)]
     return chosen if gpu else [e for e in chosen if e.name not in CPU_EXCLUDED]
 
@@ -187,7 +192,7 @@ def run(out_dir: Path = Path("bench/results"), gpu: bool = False, budget_s: floa
         raise RuntimeError("gpu=True needs a CUDA device; torch.cuda.is_available() is False")
     started = time.perf_counter() if started is None else started
     device = torch.device("cuda" if gpu else "cpu")
-    env = environment()
+    env = environment(cuda=gpu)
     input_shape = input_shape or (GPU_INPUT if gpu else CPU_INPUT)
     rep_ms = rep_ms if rep_ms is not None else (100 if gpu else 300)
     csv_path = out_dir / f"{'models_gpu' if gpu else 'models_cpu'}.csv"

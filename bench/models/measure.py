@@ -42,6 +42,7 @@ def run_job(job: Job, input_shape: tuple[int, ...], device: torch.device, env: d
     The two phases fail independently: an error in one is written as an ``error`` row of that phase.
     """
     build = {"backend": job.backend} if job.encoder.is_dcformer else {}
+    cuda = device.type == "cuda"
     torch.manual_seed(0)
     model = job.encoder.build(**build).to(device)
     x = torch.randn(input_shape, device=device)
@@ -60,9 +61,9 @@ def run_job(job: Job, input_shape: tuple[int, ...], device: torch.device, env: d
             with torch.no_grad(), _autocast(device, job.dtype):
                 return model(x)
 
-        t = time_fn(forward, rep_ms=rep_ms, min_reps=5)
+        t = time_fn(forward, rep_ms=rep_ms, min_reps=5, cuda=cuda)
         record("inference", "latency", round(t.median_ms, 3), "ms", round(t.p20_ms, 3), round(t.p80_ms, 3))
-        mib, measure = peak_memory(forward)
+        mib, measure = peak_memory(forward, cuda=cuda)
         record("inference", "peak_memory", round(mib, 1), f"MiB ({measure})")
 
     def training():
@@ -76,12 +77,17 @@ def run_job(job: Job, input_shape: tuple[int, ...], device: torch.device, env: d
             loss.backward()
             optimizer.step()
 
-        t = time_fn(train_step, rep_ms=rep_ms, min_reps=5)  # its warm-up call also creates AdamW's state
+        t = time_fn(train_step, rep_ms=rep_ms, min_reps=5, cuda=cuda)  # its warm-up also creates AdamW's state
         record("training", "step_time", round(t.median_ms, 3), "ms", round(t.p20_ms, 3), round(t.p80_ms, 3))
         # volumes/s; the 20th percentile of throughput is the 80th of time
         record("training", "throughput", round(batch * 1e3 / t.median_ms, 3), "volumes/s",
                round(batch * 1e3 / t.p80_ms, 3), round(batch * 1e3 / t.p20_ms, 3))
-        mib, measure = peak_memory(train_step)
+        # Measured from a state without gradients, on CPU and CUDA alike: the peak above parameters,
+        # optimizer state and input, gradients included. (With the last step's gradients live, the
+        # CUDA measure would net them out against the new ones, and the CPU one, whose profiler
+        # does not see the old ones freed, would count them twice.)
+        optimizer.zero_grad(set_to_none=True)
+        mib, measure = peak_memory(train_step, cuda=cuda)
         record("training", "peak_memory", round(mib, 1), f"MiB ({measure})")
 
     for variant, phase in (("inference", inference), ("training", training)):
