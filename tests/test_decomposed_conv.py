@@ -48,7 +48,9 @@ def test_forward_backward_match_reference(shape, ks, stride, channels_last, bias
         y = decomposed_conv3d(x, *weights, b, stride=stride, backend="triton")
     y_ref = decomposed_conv3d_reference(x, *weights, b, stride=stride)
     assert y.shape == y_ref.shape
-    assert y.is_contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=layout)
+    assert y_ref.is_contiguous(memory_format=layout)  # the PyTorch path keeps x's memory format too
     assert rel_err(y, y_ref) <= 1e-5
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
 
@@ -57,7 +59,7 @@ def test_forward_backward_match_reference(shape, ks, stride, channels_last, bias
     with poisoned_allocations():
         got = torch.autograd.grad(y, leaves, grad)
     want = torch.autograd.grad(y_ref, leaves, grad)
-    assert got[0].is_contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+    assert got[0].is_contiguous(memory_format=layout)
     for name, g, w in zip(["x", "weight_d", "weight_h", "weight_w", "bias"], got, want):
         assert rel_err(g, w) <= 1e-5, name
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4, msg=name)
