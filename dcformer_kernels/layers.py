@@ -7,6 +7,7 @@ import torch.nn as nn
 from ._dispatch import resolve_backend
 from .decomposed_conv import MAX_KERNEL_SIZE, SUPPORTED_STRIDES, decomposed_conv3d
 from .decomposed_conv_bn import decomposed_conv3d_batchnorm_train
+from .reference import cpu_safe_conv3d
 
 __all__ = ["DecomposedConv3d"]
 
@@ -167,13 +168,14 @@ class DecomposedConv3d(nn.Module):
         if batch_stats == {True} and self._fused_training_applies(x):
             return self._fused_batchnorm_forward(x)
         if True in batch_stats:
-            return sum(bn(conv(x)) for conv, bn in zip(self.branches, self.norms))
+            return sum(bn(cpu_safe_conv3d(conv, x, conv.kernel_size)) for conv, bn in zip(self.branches, self.norms))
         weights, bias = self.folded_parameters()
         if self.depthwise:
             c = self.out_channels
             x, (wd, wh, ww, bias) = _autocast(x, [w.reshape(c, -1) for w in weights] + [bias])
             return decomposed_conv3d(x, wd, wh, ww, bias, self.stride, self.backend)
-        y = sum(conv._conv_forward(x, w, None) for conv, w in zip(self.branches, weights))
+        y = sum(cpu_safe_conv3d(lambda t, conv=conv, w=w: conv._conv_forward(t, w, None), x, conv.kernel_size)
+                for conv, w in zip(self.branches, weights))
         return y if bias is None else y + bias.reshape(1, -1, 1, 1, 1)
 
     @torch.no_grad()

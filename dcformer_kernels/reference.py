@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["decomposed_conv3d_reference", "decomposed_conv3d_batchnorm_train_reference", "branch_conv3d"]
+__all__ = ["decomposed_conv3d_reference", "decomposed_conv3d_batchnorm_train_reference", "branch_conv3d",
+           "cpu_safe_conv3d"]
 
 _AXIS_KERNEL_SHAPE = {
     0: lambda k: (k, 1, 1),  # along D
@@ -27,7 +28,23 @@ def branch_conv3d(x: torch.Tensor, weight: torch.Tensor, axis: int, stride: int 
     channels, k = weight.shape
     kernel = _AXIS_KERNEL_SHAPE[axis](k)
     padding = tuple(k // 2 if a == axis else 0 for a in range(3))
-    return F.conv3d(x, weight.reshape(channels, 1, *kernel), bias, stride, padding, 1, channels)
+    return cpu_safe_conv3d(lambda t: F.conv3d(t, weight.reshape(channels, 1, *kernel), bias, stride, padding, 1,
+                                              channels), x, kernel)
+
+
+def cpu_safe_conv3d(conv, x: torch.Tensor, kernel_size) -> torch.Tensor:
+    """``conv(x)``, run on an NCDHW copy of x where PyTorch's CPU conv3d is wrong, and returned in
+    x's memory format.
+
+    With a channels-last CPU input and a kernel longer than the volume along an axis (DCFormer's
+    deep stages: k = 9 over D = 8, k = 7 over D = 4), torch 2.13's CPU conv3d returns a wrong weight
+    gradient: garbage, NaN or ~1e36 in some taps (seen for bfloat16 at stride 1 and float32 at
+    stride 2, depthwise and dense; its output and input gradient are right). NCDHW is not affected.
+    """
+    channels_last = x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+    if x.device.type != "cpu" or not channels_last or all(k <= s for k, s in zip(kernel_size, x.shape[2:])):
+        return conv(x)
+    return conv(x.contiguous()).contiguous(memory_format=torch.channels_last_3d)
 
 
 def decomposed_conv3d_reference(x: torch.Tensor, weight_d: torch.Tensor, weight_h: torch.Tensor,

@@ -643,3 +643,24 @@ def test_gpu_compiled_with_cuda_graphs_matches_eager(norm):
                 assert rel_err(g, e) <= 1e-4
     for b_c, b_e in zip(compiled_layer.buffers(), layer.buffers()):
         torch.testing.assert_close(b_c, b_e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,stride,depth", [(torch.float32, 2, 6), (torch.bfloat16, 1, 4)])
+def test_cpu_path_with_channels_last_and_a_kernel_longer_than_the_volume(dtype, stride, depth):
+    """torch 2.13's CPU conv3d returns garbage weight gradients for these channels-last inputs
+    (reference.cpu_safe_conv3d); the PyTorch path and the unfused layer must not."""
+    torch.manual_seed(16)
+    x = torch.randn(1, 8, depth, 8, 8, dtype=dtype)
+    ws = [torch.randn(8, 7, dtype=dtype, requires_grad=True) for _ in range(3)]
+    layer = DecomposedConv3d(8, 8, 7, stride=stride, groups=8, norm="batch", backend="torch").to(dtype).train()
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last_3d):
+        xf = x.contiguous(memory_format=fmt).requires_grad_()
+        y = decomposed_conv3d(xf, *ws, stride=stride, backend="torch")
+        z = layer(xf)
+        assert y.is_contiguous(memory_format=fmt) and z.is_contiguous(memory_format=fmt)
+        results.append(torch.autograd.grad(y.float().square().sum() + z.float().square().sum(),
+                                           [xf, *ws, *layer.parameters()], allow_unused=True))
+    for a, b in zip(*results):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
