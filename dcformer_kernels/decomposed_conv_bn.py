@@ -36,6 +36,7 @@ from ._dispatch import HAS_TRITON, cdiv, launch_directly, next_power_of_2, resol
 from .decomposed_conv import (
     _acc_dtype,
     _block_kwargs,
+    _compute_dtype,
     _grid,
     _index_dtype,
     _memory_format,
@@ -350,7 +351,7 @@ def _launch(kernel, x, tensors, strides, n_cols, extra_constexpr=None, max_d_til
     if max_d_tile is not None and cfg.d_tile > max_d_tile:
         cfg = dataclasses.replace(cfg, d_tile=max_d_tile)
     grid, (n_db, n_hb, n_wb) = _grid(n, d, h, w, c, cfg)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = _compute_dtype(x.dtype)
     partials = torch.empty((grid[0], n_cols, c), dtype=acc, device=x.device)
     kernel[grid](*tensors, partials, c, d, h, w, *strides, n_db, n_hb, n_wb,
                  **(extra_constexpr or {}), ACC=_acc_dtype(x.dtype), IDX=_index_dtype(*(t for t in tensors if t.dim() == 5)),
@@ -407,7 +408,7 @@ def _triton_bn_backward(grad, x, weight_d, weight_h, weight_w, gamma, mean, std)
     strides = (*x.stride(), *grad.stride())
     sums = _launch(_bn_grad_sums_kernel, x, (x, grad, *weights), strides, _N_SUMS, dict(KD=kd, KH=kh, KW=kw))
     c = x.shape[1]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = _compute_dtype(x.dtype)
     coef = torch.empty((c, 9), dtype=acc, device=x.device)  # a, e, cc per branch
     dgamma, dbeta = (torch.empty((3, c), dtype=gamma.dtype, device=x.device) for _ in range(2))  # row-major
     block_c, block_p = _reduction_blocks(c)
