@@ -32,33 +32,26 @@ import torch
 import torch.utils.flop_counter
 from torch.autograd.function import once_differentiable
 
-from ._dispatch import HAS_TRITON, cdiv, launch_directly, next_power_of_2, resolve_backend, triton_interpreting
-from .decomposed_conv import (
-    _acc_dtype,
-    _block_kwargs,
-    _compute_dtype,
-    _grid,
-    _index_dtype,
-    _memory_format,
-    _numel,
-    _row_major,
-    _tile_config,
-    _triton_forward,
-    _weight_grads,
-    check_decomposed_conv3d_args,
-)
+from .dispatch import (HAS_TRITON, acc_dtype, cdiv, check_interpretable, compute_dtype, index_dtype, launch_directly,
+                        next_power_of_2, resolve_backend, triton_interpreting)
+from .conv_common import (TileConfig, at, block_coords, block_kwargs, block_sum, check_decomposed_conv3d_args,
+                          conv_grid, memory_format, numel, row_major, tap_weight, tile_config, weight_grads)
+from .decomposed_conv import check_impl, decomposed_conv3d_forward
 from .reference import decomposed_conv3d_batchnorm_train_reference
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .decomposed_conv import _at, _block_coords, _tap_weight
+__all__ = ["decomposed_conv3d_batchnorm_train", "DecomposedConv3dBatchNormFunction", "decomposed_conv3d_bn_forward",
+           "decomposed_conv3d_bn_backward"]
 
-__all__ = ["decomposed_conv3d_batchnorm_train", "DecomposedConv3dBatchNormFunction"]
-
-_N_STATS = 7  # count, then (mean, M2) for D, H, W
-_N_SUMS = 4  # Σg, then Σg·z_b for D, H, W
+# Column counts of the kernels' per-channel buffers. constexpr: jit code may read only constexpr
+# globals, and host code takes them as ints (__index__).
+_count = tl.constexpr if HAS_TRITON else int
+N_STATS = _count(7)  # the stats partials (P, N_STATS, C): count, then (mean, M2) for D, H, W
+N_SUMS = _count(4)  # the grad-sums partials (P, N_SUMS, C): Σg, then Σg·z_b for D, H, W
+N_COEFS = _count(9)  # the dx kernel's coefficients (C, N_COEFS): a, e, cc, each for D, H, W
 
 
 if HAS_TRITON:
@@ -71,21 +64,16 @@ if HAS_TRITON:
         for i in tl.static_range(K):
             q = pos + (SHIFT + i - K // 2)
             xv = tl.load(x0 + tl.cast(SHIFT + i - K // 2, IDX) * s_axis, mask=ok & ((q >= 0) & (q < n_pos)), other=0.0)
-            z += _tap_weight(w_ptr, c, c_ok, i, K, ACC) * xv.to(ACC)
+            z += tap_weight(w_ptr, c, c_ok, i, K, ACC) * xv.to(ACC)
         return z
-
-    @triton.jit
-    def _block_sum(v):
-        """[DT, BLOCK_C, S] -> [BLOCK_C]."""
-        return tl.sum(tl.sum(v, axis=2), axis=0)
 
     @triton.jit
     def _store_mean_m2(mean_ptr, m2_ptr, z, ok, count, mask):
         """The block's per-channel mean and sum of squared deviations of z (valid where ok)."""
-        mean = _block_sum(z) / tl.maximum(count, 1.0)
+        mean = block_sum(z) / tl.maximum(count, 1.0)
         dev = tl.where(ok, z - mean[None, :, None], 0.0)
         tl.store(mean_ptr, mean, mask=mask)
-        tl.store(m2_ptr, _block_sum(dev * dev), mask=mask)
+        tl.store(m2_ptr, block_sum(dev * dev), mask=mask)
 
     @triton.jit
     def _bn_stats_kernel(
@@ -95,13 +83,13 @@ if HAS_TRITON:
         BLOCK_C: tl.constexpr, DT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     ):
         pid_s = tl.program_id(0)
-        n, d, c, h, w = _block_coords(pid_s, tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, DT, RH, RW)
+        n, d, c, h, w = block_coords(pid_s, tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, DT, RH, RW)
         c_ok = c < C
         ok = c_ok & (d < D) & ((h < H) & (w < W))
-        x0 = _at(x_ptr, n, c, d, h, w, sxn, sxc, sxd, sxh, sxw, IDX)
+        x0 = at(x_ptr, n, c, d, h, w, sxn, sxc, sxd, sxh, sxw, IDX)
         ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        base = part_ptr + pid_s.to(tl.int64) * (7 * C) + ch  # (P, 7, C)
-        count = _block_sum(ok.to(ACC))
+        base = part_ptr + pid_s.to(tl.int64) * (N_STATS * C) + ch  # (P, N_STATS, C)
+        count = block_sum(ok.to(ACC))
         tl.store(base, count, mask=ch < C)
         z = _branch(x0, wd_ptr, c, c_ok, d, D, sxd, ok, C, 0, KD, ACC, IDX)
         _store_mean_m2(base + C, base + 2 * C, z, ok, count, ch < C)
@@ -118,21 +106,21 @@ if HAS_TRITON:
         BLOCK_C: tl.constexpr, DT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     ):
         pid_s = tl.program_id(0)
-        n, d, c, h, w = _block_coords(pid_s, tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, DT, RH, RW)
+        n, d, c, h, w = block_coords(pid_s, tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, DT, RH, RW)
         c_ok = c < C
         ok = c_ok & (d < D) & ((h < H) & (w < W))
-        x0 = _at(x_ptr, n, c, d, h, w, sxn, sxc, sxd, sxh, sxw, IDX)
-        g0 = _at(g_ptr, n, c, d, h, w, sgn, sgc, sgd, sgh, sgw, IDX)
+        x0 = at(x_ptr, n, c, d, h, w, sxn, sxc, sxd, sxh, sxw, IDX)
+        g0 = at(g_ptr, n, c, d, h, w, sgn, sgc, sgd, sgh, sgw, IDX)
         gv = tl.load(g0, mask=ok, other=0.0).to(ACC)
         ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        base = part_ptr + pid_s.to(tl.int64) * (4 * C) + ch  # (P, 4, C)
-        tl.store(base, _block_sum(gv), mask=ch < C)
+        base = part_ptr + pid_s.to(tl.int64) * (N_SUMS * C) + ch  # (P, N_SUMS, C)
+        tl.store(base, block_sum(gv), mask=ch < C)
         z = _branch(x0, wd_ptr, c, c_ok, d, D, sxd, ok, C, 0, KD, ACC, IDX)
-        tl.store(base + C, _block_sum(gv * z), mask=ch < C)
+        tl.store(base + C, block_sum(gv * z), mask=ch < C)
         z = _branch(x0, wh_ptr, c, c_ok, h, H, sxh, ok, C, 0, KH, ACC, IDX)
-        tl.store(base + 2 * C, _block_sum(gv * z), mask=ch < C)
+        tl.store(base + 2 * C, block_sum(gv * z), mask=ch < C)
         z = _branch(x0, ww_ptr, c, c_ok, w, W, sxw, ok, C, 0, KW, ACC, IDX)
-        tl.store(base + 3 * C, _block_sum(gv * z), mask=ch < C)
+        tl.store(base + 3 * C, block_sum(gv * z), mask=ch < C)
 
     @triton.jit
     def _bn_branch_grad(x0, g0, gv, w_ptr, tab_ptr, coef_ptr, c, c_ok, pos, n_pos, sx_axis, sg_axis, ok, C,
@@ -146,9 +134,9 @@ if HAS_TRITON:
         A(p, δ) = Σ_i w_i w_{i+δ} [output p + K//2 − i exists] and (Kᵀ 1)(p) come from the
         table tab (C, 2K, L): rows 0..2K−2 are A for δ = 1−K..K−1, row 2K−1 is Kᵀ1. O(K) loads.
         """
-        a = tl.load(coef_ptr + c * 9 + AXIS, mask=c_ok, other=0.0)
-        e = tl.load(coef_ptr + c * 9 + 3 + AXIS, mask=c_ok, other=0.0)
-        cc = tl.load(coef_ptr + c * 9 + 6 + AXIS, mask=c_ok, other=0.0)
+        a = tl.load(coef_ptr + c * N_COEFS + AXIS, mask=c_ok, other=0.0)
+        e = tl.load(coef_ptr + c * N_COEFS + 3 + AXIS, mask=c_ok, other=0.0)
+        cc = tl.load(coef_ptr + c * N_COEFS + 6 + AXIS, mask=c_ok, other=0.0)
         tab = tab_ptr + c * (2 * K * n_pos) + pos
         tab_ok = c_ok & (pos < n_pos)
         z = tl.zeros(ok.shape, dtype=ACC)
@@ -159,19 +147,19 @@ if HAS_TRITON:
             xv = xv.to(ACC)
             ktz += tl.load(tab + t * n_pos, mask=tab_ok, other=0.0) * xv
             if t >= K // 2 and t < K // 2 + K:  # |δ| <= K//2: a tap of z(p) itself
-                z += _tap_weight(w_ptr, c, c_ok, t - K // 2, K, ACC) * xv
+                z += tap_weight(w_ptr, c, c_ok, t - K // 2, K, ACC) * xv
         ktg = tl.zeros(ok.shape, dtype=ACC)  # (Kᵀ g)(p)
         for i in tl.static_range(K):
             o = pos + (K // 2 - i)
             gi = tl.load(g0 + tl.cast(K // 2 - i, IDX) * sg_axis, mask=ok & ((o >= 0) & (o < n_pos)), other=0.0)
-            ktg += _tap_weight(w_ptr, c, c_ok, i, K, ACC) * gi.to(ACC)
+            ktg += tap_weight(w_ptr, c, c_ok, i, K, ACC) * gi.to(ACC)
         kt1 = tl.load(tab + (2 * K - 1) * n_pos, mask=tab_ok, other=0.0)
         dx += a * ktg - e * ktz + cc * kt1
         dz = tl.where(ok, a * gv - e * z + cc, 0.0)
         for j in tl.static_range(K):
             q = pos + (j - K // 2)
             xv = tl.load(x0 + tl.cast(j - K // 2, IDX) * sx_axis, mask=ok & ((q >= 0) & (q < n_pos)), other=0.0)
-            tl.store(part + j * C, _block_sum(dz * xv.to(ACC)), mask=part_ok)
+            tl.store(part + j * C, block_sum(dz * xv.to(ACC)), mask=part_ok)
         return dx
 
     @triton.jit
@@ -183,11 +171,11 @@ if HAS_TRITON:
         BLOCK_C: tl.constexpr, DT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     ):
         pid_s = tl.program_id(0)
-        n, d, c, h, w = _block_coords(pid_s, tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, DT, RH, RW)
+        n, d, c, h, w = block_coords(pid_s, tl.program_id(1), n_db, n_hb, n_wb, BLOCK_C, DT, RH, RW)
         c_ok = c < C
         ok = c_ok & (d < D) & ((h < H) & (w < W))
-        x0 = _at(x_ptr, n, c, d, h, w, sxn, sxc, sxd, sxh, sxw, IDX)
-        g0 = _at(g_ptr, n, c, d, h, w, sgn, sgc, sgd, sgh, sgw, IDX)
+        x0 = at(x_ptr, n, c, d, h, w, sxn, sxc, sxd, sxh, sxw, IDX)
+        g0 = at(g_ptr, n, c, d, h, w, sgn, sgc, sgd, sgh, sgw, IDX)
         ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         part = part_ptr + pid_s.to(tl.int64) * ((KD + KH + KW) * C) + ch  # (P, KD+KH+KW, C)
         gv = tl.load(g0, mask=ok, other=0.0).to(ACC)
@@ -198,7 +186,7 @@ if HAS_TRITON:
                              part + KD * C, ch < C, 1, KH, ACC, IDX)
         dx = _bn_branch_grad(x0, g0, gv, ww_ptr, tw_ptr, coef_ptr, c, c_ok, w, W, sxw, sgw, ok, C, dx,
                              part + (KD + KH) * C, ch < C, 2, KW, ACC, IDX)
-        dx0 = _at(dx_ptr, n, c, d, h, w, sdn, sdc, sdd, sdh, sdw, IDX)
+        dx0 = at(dx_ptr, n, c, d, h, w, sdn, sdc, sdd, sdh, sdw, IDX)
         tl.store(dx0, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
@@ -236,7 +224,7 @@ if HAS_TRITON:
         mean = tl.zeros(ch.shape, dtype=tl.float64)
         m2 = tl.zeros(ch.shape, dtype=tl.float64)
         for p0 in range(0, P, BLOCK_P):
-            rows, ok = _column_tiles(part_ptr, p0, P, C, ch, ch_ok, 7, BLOCK_P)
+            rows, ok = _column_tiles(part_ptr, p0, P, C, ch, ch_ok, N_STATS, BLOCK_P)
             count_p = tl.load(rows, mask=ok, other=0.0).to(tl.float64)
             mean_p = tl.load(rows + COL * C, mask=ok, other=0.0).to(tl.float64)
             m2_p = tl.load(rows + (COL + 1) * C, mask=ok, other=0.0).to(tl.float64)
@@ -303,24 +291,24 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["count"])  # count = 1 would become a constexpr int (no .to)
     def _bn_coef_kernel(part_ptr, P, C, count, gamma_ptr, mean_ptr, std_ptr, coef_ptr, dgamma_ptr, dbeta_ptr,
                         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-        """From the grad-sums kernel's partials (P, 4, C): dγ_b = Σ g (z_b − μ_b)/σ_b, dβ_b = Σ g, and
-        the dx kernel's per-channel coefficients (C, 9): a_b = γ_b/σ_b, e_b = γ_b dγ_b/(M σ_b²) and
+        """From the grad-sums kernel's partials (P, N_SUMS, C): dγ_b = Σ g (z_b − μ_b)/σ_b, dβ_b = Σ g, and
+        the dx kernel's per-channel coefficients (C, N_COEFS): a_b = γ_b/σ_b, e_b = γ_b dγ_b/(M σ_b²) and
         cc_b = e_b μ_b − a_b Σg/M (docs/fused_bn.md); float64."""
         ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         ch_ok = ch < C
         m = count.to(tl.float64)
-        sum_g = _column_sum(part_ptr, P, C, ch, ch_ok, 0, 4, BLOCK_C, BLOCK_P)
+        sum_g = _column_sum(part_ptr, P, C, ch, ch_ok, 0, N_SUMS, BLOCK_C, BLOCK_P)
         for b in tl.static_range(3):
-            sum_gz = _column_sum(part_ptr, P, C, ch, ch_ok, 1 + b, 4, BLOCK_C, BLOCK_P)
+            sum_gz = _column_sum(part_ptr, P, C, ch, ch_ok, 1 + b, N_SUMS, BLOCK_C, BLOCK_P)
             gamma = tl.load(gamma_ptr + b * C + ch, mask=ch_ok, other=0.0).to(tl.float64)
             mean = tl.load(mean_ptr + b * C + ch, mask=ch_ok, other=0.0).to(tl.float64)
             std = tl.load(std_ptr + b * C + ch, mask=ch_ok, other=1.0).to(tl.float64)
             dgamma = (sum_gz - mean * sum_g) / std
             a = gamma / std
             e = gamma * (dgamma / m) / (std * std)
-            tl.store(coef_ptr + ch * 9 + b, a.to(coef_ptr.dtype.element_ty), mask=ch_ok)
-            tl.store(coef_ptr + ch * 9 + 3 + b, e.to(coef_ptr.dtype.element_ty), mask=ch_ok)
-            tl.store(coef_ptr + ch * 9 + 6 + b, (e * mean - a * (sum_g / m)).to(coef_ptr.dtype.element_ty),
+            tl.store(coef_ptr + ch * N_COEFS + b, a.to(coef_ptr.dtype.element_ty), mask=ch_ok)
+            tl.store(coef_ptr + ch * N_COEFS + 3 + b, e.to(coef_ptr.dtype.element_ty), mask=ch_ok)
+            tl.store(coef_ptr + ch * N_COEFS + 6 + b, (e * mean - a * (sum_g / m)).to(coef_ptr.dtype.element_ty),
                      mask=ch_ok)
             tl.store(dgamma_ptr + b * C + ch, dgamma.to(dgamma_ptr.dtype.element_ty), mask=ch_ok)
             tl.store(dbeta_ptr + b * C + ch, sum_g.to(dbeta_ptr.dtype.element_ty), mask=ch_ok)
@@ -342,20 +330,21 @@ def _transpose_tables(weights, lengths, dtype: torch.dtype) -> list[torch.Tensor
     return tables
 
 
-def _launch(kernel, x, tensors, strides, n_cols, extra_constexpr=None, max_d_tile=None):
+def _launch(kernel, x, tensors, strides, n_cols, extra_constexpr=None, max_d_tile=None, tiles=None):
     """Run one of the block kernels over x's positions; returns per-program partials (P, n_cols, C).
 
-    ``max_d_tile`` caps the conv tiles' D planes per program (fewer live values per thread)."""
+    ``tiles`` overrides the conv's tile choice; ``max_d_tile`` caps its D planes per program (fewer
+    live values per thread)."""
     n, c, d, h, w = x.shape
-    cfg = _tile_config(x, h, w, d)
+    cfg = tiles or tile_config(x, h, w, d)
     if max_d_tile is not None and cfg.d_tile > max_d_tile:
         cfg = dataclasses.replace(cfg, d_tile=max_d_tile)
-    grid, (n_db, n_hb, n_wb) = _grid(n, d, h, w, c, cfg)
-    acc = _compute_dtype(x.dtype)
+    grid, (n_db, n_hb, n_wb) = conv_grid(n, d, h, w, c, cfg)
+    acc = compute_dtype(x.dtype)
     partials = torch.empty((grid[0], n_cols, c), dtype=acc, device=x.device)
     kernel[grid](*tensors, partials, c, d, h, w, *strides, n_db, n_hb, n_wb,
-                 **(extra_constexpr or {}), ACC=_acc_dtype(x.dtype), IDX=_index_dtype(*(t for t in tensors if t.dim() == 5)),
-                 **_block_kwargs(cfg))
+                 **(extra_constexpr or {}), ACC=acc_dtype(x.dtype), IDX=index_dtype(*(t for t in tensors if t.dim() == 5)),
+                 **block_kwargs(cfg))
     return partials
 
 
@@ -365,12 +354,24 @@ def _reduction_blocks(c: int) -> tuple[int, int]:
     return min(8, next_power_of_2(c)), 8 if triton_interpreting() else 128
 
 
-def _triton_bn_forward(x, weight_d, weight_h, weight_w, gamma, beta, eps: float):
-    """y, and the (3, C) float64 batch mean, biased variance and std of the branch convs: three
-    launches (statistics partials, their merge folded into the weights, the fused conv)."""
-    weights = _row_major(weight_d, weight_h, weight_w)
+_KERNELS = "fused BatchNorm kernels"
+
+
+def decomposed_conv3d_bn_forward(x, weight_d, weight_h, weight_w, gamma, beta, eps: float, impl: str = "auto",
+                                 tiles: TileConfig | None = None):
+    """Launch the forward (no argument checks): y, and the (3, C) float64 batch mean, biased variance
+    and std of the branch convs. Three launches: statistics partials, their merge folded into the
+    weights, the fused conv (``impl`` picks its kernels, as in ``decomposed_conv3d``).
+
+    An empty batch (N = 0) has no values: NaN statistics, the mean of nothing, as on the PyTorch path."""
+    check_interpretable(x, _KERNELS)
+    if x.numel() == 0:
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+        return y, *(torch.full((3, x.shape[1]), float("nan"), dtype=torch.float64, device=x.device) for _ in range(3))
+    weights = row_major(weight_d, weight_h, weight_w)
     kd, kh, kw = (t.shape[1] for t in weights)
-    partials = _launch(_bn_stats_kernel, x, (x, *weights), x.stride(), _N_STATS, dict(KD=kd, KH=kh, KW=kw))
+    partials = _launch(_bn_stats_kernel, x, (x, *weights), x.stride(), N_STATS, dict(KD=kd, KH=kh, KW=kw),
+                       tiles=tiles)
     c = x.shape[1]
     folded = [torch.empty_like(t) for t in weights]
     bias = torch.empty(c, dtype=x.dtype, device=x.device)
@@ -381,49 +382,58 @@ def _triton_bn_forward(x, weight_d, weight_h, weight_w, gamma, beta, eps: float)
         mean, var, std,
         KD=kd, KH=kh, KW=kw, BLOCK_K=next_power_of_2(max(kd, kh, kw)), BLOCK_C=block_c, BLOCK_P=block_p,
         num_warps=4)
-    y = _triton_forward(x, *folded, bias, 1)
+    y = decomposed_conv3d_forward(x, *folded, bias, 1, impl, tiles)
     return y, mean, var, std
 
 
 @torch.library.custom_op("dcformer_kernels::decomposed_conv3d_bn_forward", mutates_args=())
 def _bn_forward_op(x: torch.Tensor, weight_d: torch.Tensor, weight_h: torch.Tensor, weight_w: torch.Tensor,
-                   gamma: torch.Tensor, beta: torch.Tensor, eps: float
+                   gamma: torch.Tensor, beta: torch.Tensor, eps: float, impl: str = "auto"
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """y and the per-branch batch mean, biased variance and std of K_b x, each (3, C) float64."""
-    check_decomposed_conv3d_args(x, weight_d, weight_h, weight_w, None, 1)  # the op is public too
-    _check_branch_params(x, gamma=gamma, beta=beta)
-    return _triton_bn_forward(x, weight_d, weight_h, weight_w, gamma, beta, eps)
+    _check_batchnorm_train_args(x, weight_d, weight_h, weight_w, gamma, beta)  # the op is public too
+    check_impl(impl)
+    return decomposed_conv3d_bn_forward(x, weight_d, weight_h, weight_w, gamma, beta, eps, impl)
 
 
 @_bn_forward_op.register_fake
-def _(x, weight_d, weight_h, weight_w, gamma, beta, eps):
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+def _(x, weight_d, weight_h, weight_w, gamma, beta, eps, impl="auto"):
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
     shape = (3, x.shape[1])
     return y, *(x.new_empty(shape, dtype=torch.float64) for _ in range(3))
 
 
-def _triton_bn_backward(grad, x, weight_d, weight_h, weight_w, gamma, mean, std):
-    weights = _row_major(weight_d, weight_h, weight_w)
+def decomposed_conv3d_bn_backward(grad, x, weight_d, weight_h, weight_w, gamma, mean, std,
+                                  tiles: TileConfig | None = None):
+    """Launch the backward (no argument checks): dx, dweight_d/h/w, dgamma (3, C), dbeta (3, C)."""
+    check_interpretable(x, _KERNELS)
+    if x.numel() == 0:  # no terms: zero gradients, as on the PyTorch path
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+        per_branch = [torch.zeros((3, x.shape[1]), dtype=gamma.dtype, device=x.device) for _ in range(2)]
+        return (dx, *(torch.zeros_like(w) for w in (weight_d, weight_h, weight_w)), *per_branch)
+    weights = row_major(weight_d, weight_h, weight_w)
     kd, kh, kw = (t.shape[1] for t in weights)
     strides = (*x.stride(), *grad.stride())
-    sums = _launch(_bn_grad_sums_kernel, x, (x, grad, *weights), strides, _N_SUMS, dict(KD=kd, KH=kh, KW=kw))
+    sums = _launch(_bn_grad_sums_kernel, x, (x, grad, *weights), strides, N_SUMS, dict(KD=kd, KH=kh, KW=kw),
+                   tiles=tiles)
     c = x.shape[1]
-    acc = _compute_dtype(x.dtype)
-    coef = torch.empty((c, 9), dtype=acc, device=x.device)  # a, e, cc per branch
+    acc = compute_dtype(x.dtype)
+    coef = torch.empty((c, N_COEFS), dtype=acc, device=x.device)
     dgamma, dbeta = (torch.empty((3, c), dtype=gamma.dtype, device=x.device) for _ in range(2))  # row-major
     block_c, block_p = _reduction_blocks(c)
     _bn_coef_kernel[(cdiv(c, block_c),)](
         sums, sums.shape[0], c, x.numel() // c, gamma.contiguous(), mean.contiguous(), std.contiguous(), coef,
         dgamma, dbeta, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
     tables = _transpose_tables(weights, x.shape[2:], acc)
     # One D plane per program: with the conv's two, ptxas spills the dx kernel (255 registers and
     # 0.3-2 KB of local memory a thread at DCFormer's stages); with one, NCDHW needs no spills and
     # ~5 % fewer instructions per element, channels-last a quarter of the spills for the same count
-    # (bench/conv_notes.md, static model for sm_90; not yet timed on a GPU).
+    # (docs/conv_notes.md, static model for sm_90; not yet timed on a GPU).
     partials = _launch(_bn_dx_kernel, x, (x, grad, *weights, *tables, coef, dx),
-                       (*strides, *dx.stride()), kd + kh + kw, dict(KD=kd, KH=kh, KW=kw), max_d_tile=1)
-    return (dx, *_weight_grads(partials, (kd, kh, kw), x.dtype), dgamma, dbeta)
+                       (*strides, *dx.stride()), kd + kh + kw, dict(KD=kd, KH=kh, KW=kw), max_d_tile=1,
+                       tiles=tiles)
+    return (dx, *weight_grads(partials, (kd, kh, kw), x.dtype), dgamma, dbeta)
 
 
 @torch.library.custom_op("dcformer_kernels::decomposed_conv3d_bn_backward", mutates_args=())
@@ -435,12 +445,12 @@ def _bn_backward_op(grad: torch.Tensor, x: torch.Tensor, weight_d: torch.Tensor,
     if grad.shape != x.shape:
         raise ValueError(f"grad must have the shape of x, {tuple(x.shape)}; got {tuple(grad.shape)}")
     _check_branch_params(x, gamma=gamma, mean=mean, std=std)
-    return _triton_bn_backward(grad, x, weight_d, weight_h, weight_w, gamma, mean, std)
+    return decomposed_conv3d_bn_backward(grad, x, weight_d, weight_h, weight_w, gamma, mean, std)
 
 
 @_bn_backward_op.register_fake
 def _(grad, x, weight_d, weight_h, weight_w, gamma, mean, std):
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
     per_branch = [torch.empty((3, x.shape[1]), dtype=gamma.dtype, device=x.device) for _ in range(2)]
     return (dx, torch.empty_like(weight_d), torch.empty_like(weight_h), torch.empty_like(weight_w), *per_branch)
 
@@ -449,23 +459,23 @@ def _(grad, x, weight_d, weight_h, weight_w, gamma, mean, std):
 def _forward_flops(x_shape, wd_shape, wh_shape, ww_shape, *args, out_shape=None, **kwargs) -> int:
     """The three branch convs, 2*(kd+kh+kw) per element, as FlopCounterMode counts the unfused
     module (it counts no BatchNorm; the statistics pass recomputes the convs and is not counted)."""
-    return 2 * (wd_shape[1] + wh_shape[1] + ww_shape[1]) * _numel(x_shape)
+    return 2 * (wd_shape[1] + wh_shape[1] + ww_shape[1]) * numel(x_shape)
 
 
 @torch.utils.flop_counter.register_flop_formula(torch.ops.dcformer_kernels.decomposed_conv3d_bn_backward)
 def _backward_flops(grad_shape, x_shape, wd_shape, wh_shape, ww_shape, *args, out_shape=None, **kwargs) -> int:
     """The branch convs' input and weight gradients, as for nn.Conv3d: twice the forward."""
-    return 2 * 2 * (wd_shape[1] + wh_shape[1] + ww_shape[1]) * _numel(x_shape)
+    return 2 * 2 * (wd_shape[1] + wh_shape[1] + ww_shape[1]) * numel(x_shape)
 
 
 class DecomposedConv3dBatchNormFunction(torch.autograd.Function):
     """y = Σ_b BN_b(K_b x) with batch statistics; returns y and the (3, C) batch mean / biased var."""
 
     @staticmethod
-    def forward(ctx, x, weight_d, weight_h, weight_w, gamma, beta, eps):
-        args = (x, weight_d, weight_h, weight_w, gamma, beta, eps)
+    def forward(ctx, x, weight_d, weight_h, weight_w, gamma, beta, eps, impl="auto"):
+        args = (x, weight_d, weight_h, weight_w, gamma, beta, eps, impl)
         if launch_directly(x):  # see decomposed_conv.DecomposedConv3dFunction
-            y, mean, var, std = _triton_bn_forward(*args)
+            y, mean, var, std = decomposed_conv3d_bn_forward(*args)
         else:
             y, mean, var, std = torch.ops.dcformer_kernels.decomposed_conv3d_bn_forward(*args)
         ctx.save_for_backward(x, weight_d, weight_h, weight_w, gamma, mean, std)
@@ -477,14 +487,14 @@ class DecomposedConv3dBatchNormFunction(torch.autograd.Function):
     @once_differentiable  # the kernels' gradients have no graph: a second derivative raises
     def backward(ctx, grad, _grad_mean, _grad_var):
         if grad is None:  # y's gradient is undefined (zero), so are all of them
-            return (None,) * 7
+            return (None,) * 8
         x, weight_d, weight_h, weight_w, gamma, mean, std = ctx.saved_tensors
         args = (grad, x, weight_d, weight_h, weight_w, gamma, mean, std)
         if launch_directly(x):
-            dx, dwd, dwh, dww, dgamma, dbeta = _triton_bn_backward(*args)
+            dx, dwd, dwh, dww, dgamma, dbeta = decomposed_conv3d_bn_backward(*args)
         else:
             dx, dwd, dwh, dww, dgamma, dbeta = torch.ops.dcformer_kernels.decomposed_conv3d_bn_backward(*args)
-        return dx, dwd, dwh, dww, dgamma, dbeta, None
+        return dx, dwd, dwh, dww, dgamma, dbeta, None, None
 
 
 def _check_branch_params(x, **params) -> None:
@@ -497,22 +507,43 @@ def _check_branch_params(x, **params) -> None:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
+def _check_batchnorm_train_args(x, weight_d, weight_h, weight_w, gamma, beta) -> None:
+    """The conv's checks, the affine parameters' shapes and dtypes, and more than one value per
+    channel (a lone value normalises to 0 exactly: nn.BatchNorm3d raises, with this message)."""
+    check_decomposed_conv3d_args(x, weight_d, weight_h, weight_w, None, 1)
+    _check_branch_params(x, gamma=gamma, beta=beta)
+    # F.batch_norm's rule: parameters of x's dtype, or float32 ones for a half-precision x (autocast).
+    allowed = (x.dtype, torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else (x.dtype,)
+    for name, t in (("gamma", gamma), ("beta", beta)):
+        if t.dtype not in allowed:
+            raise TypeError(f"{name} must have x's dtype {x.dtype}"
+                            f"{' (or float32)' if len(allowed) > 1 else ''}; got {t.dtype}")
+    if beta.dtype != gamma.dtype:
+        raise TypeError(f"beta has dtype {beta.dtype} but gamma has dtype {gamma.dtype}")
+    if x.numel() // x.shape[1] == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+
+
 def decomposed_conv3d_batchnorm_train(x, weight_d, weight_h, weight_w, gamma, beta, eps: float = 1e-5,
-                                      backend: str = "auto"):
+                                      backend: str = "auto", impl: str = "auto"):
     """Training-mode Σ_b BN_b(K_b x) on the fused kernels (stride 1).
 
     Args:
         x: (N, C, D, H, W); weight_d/h/w: (C, k); gamma, beta: (3, C) per-branch BN affine
-            parameters (rows D, H, W); eps: BN epsilon.
+            parameters (rows D, H, W) of x's dtype (or float32 for a float16/bfloat16 x, as
+            ``F.batch_norm`` takes them); eps: BN epsilon.
         backend: "auto" (Triton on CUDA, PyTorch on CPU unless TRITON_INTERPRET=1), "triton" or
             "torch" (``reference.decomposed_conv3d_batchnorm_train_reference``: three branch tensors).
+        impl: the kernels of the fused conv that writes y, as in ``decomposed_conv3d``.
     Returns:
         y, batch mean (3, C) and biased batch variance (3, C) of the branch convs without bias
-        (float64; for the running statistics).
+        (float64; for the running statistics). An empty batch (N = 0) gives an empty y and NaN
+        statistics (the mean of no values); x with one value per channel raises a ValueError, as
+        ``nn.BatchNorm3d`` does in training.
     """
-    check_decomposed_conv3d_args(x, weight_d, weight_h, weight_w, None, 1)
-    _check_branch_params(x, gamma=gamma, beta=beta)
+    _check_batchnorm_train_args(x, weight_d, weight_h, weight_w, gamma, beta)
+    check_impl(impl)
     if resolve_backend(backend, x.device) == "torch":
         return decomposed_conv3d_batchnorm_train_reference(x, weight_d, weight_h, weight_w, gamma, beta, eps)
-    return DecomposedConv3dBatchNormFunction.apply(x, weight_d, weight_h, weight_w, gamma, beta, eps)
+    return DecomposedConv3dBatchNormFunction.apply(x, weight_d, weight_h, weight_w, gamma, beta, eps, impl)
 

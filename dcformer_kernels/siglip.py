@@ -27,60 +27,39 @@ STRIPE_ELEMENTS pairs, bounded whatever B is (below 2^27 pairs on CUDA, B < 11.6
 CPU, B <= 2048, one stripe is the whole B x B).
 
 The same block functions (rows of X against columns of Y, with global row/column offsets that
-say where the diagonal lies) serve the single-process loss and the two multi-process modes,
-"gather" and "ring", at the end of this file.
+say where the diagonal lies) serve the single-process loss here and the two multi-process modes,
+"gather" and "ring", in ``siglip_dist``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils.flop_counter
-from torch import nn
 
-from ._dispatch import HAS_TRITON, cdiv, next_power_of_2, resolve_backend, triton_interpreting
-from ._dispatch import acc_dtype as _acc_dtype
-from ._dispatch import compute_dtype as _compute_dtype
-from ._dispatch import index_dtype as _index_dtype
+from .dispatch import (HAS_TRITON, acc_dtype, cdiv, check_interpretable, compute_dtype, index_dtype,
+                        next_power_of_2, resolve_backend, triton_interpreting)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = [
-    "siglip_loss",
-    "siglip_loss_gather",
-    "siglip_loss_ring",
-    "SigLIPLoss",
-    "SigLIPLossFunction",
-    "check_siglip_args",
-]
+__all__ = ["siglip_loss", "SigLIPLossFunction", "check_siglip_args", "triton_block_forward", "triton_block_backward",
+           "triton_stripe_grad", "stripes_block_backward", "block_forward", "block_backward", "tile_config"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _GROUP_DTYPES = (torch.int32, torch.int64)
-DIST_IMPLS = (None, "gather", "ring")
 BACKWARD_IMPLS = ("auto", "fused", "stripes")
 # "auto" keeps the fused row/column backward up to this d and this many pairs (rows x columns of
-# the block). H100, bf16, 2026-11-28 (bench/siglip_notes.md): at d = 768 and 1152 the fused
-# backward ran at 3-5 % of the matmul rate, the stripes at 37-43 %; at d = 256 the fused one won
-# at B = 1k and 4k (0.53 vs 0.68 ms at 4k) and the stripes from B = 16k on (1.6 vs 4.0 ms; 27 vs
-# 71 ms at 64k). Those stripes still stored each stripe's fp32 S (1.3 GiB beyond inputs at
-# B = 64k against 128 MiB for the fused backward); their kernel now builds S itself (~0.4 GiB at
-# d = 256 by count of buffers; not yet timed on a GPU). backward_impl="fused" keeps O(B d).
+# the block), where it beat the stripes on an H100 (docs/siglip_notes.md, "Constants").
 FUSED_BACKWARD_MAX_DIM = 256
 FUSED_BACKWARD_MAX_PAIRS = 8192**2
 # The stripes' half-precision products need torch.mm(..., out_dtype=torch.float32) (torch >= 2.8);
 # without it "auto" stays with the fused backward.
 _MM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
-# Logits per row stripe (one chunk of the PyTorch path, one stripe of the stripes backward):
-# 16 MiB of fp32 on CPU. On CUDA 256 MiB of bf16 G (the Triton stripe kernel never stores S):
-# every stripe also reads and writes the B x d fp32 dY (~16 B d bytes), which costs ~530 / rows
-# of the stripe's matmul time on an H100 (estimate, bench/siglip_notes.md), so B = 32k gets
-# 4096-row stripes. dY's per-stripe product runs over column chunks of at most 1/8 of that many
-# fp32 elements (64 MiB on CUDA).
+# Logits per row stripe (one chunk of the PyTorch path, one stripe of the stripes backward) and the
+# share of them in one dY column chunk: bounded buffers sized in docs/siglip_notes.md, "Constants".
 STRIPE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}
 DY_CHUNK_FRACTION = 8
 STRIPE_ROW_MULTIPLE = 128  # stripes of many rows start on a multiple of the matmul tile
@@ -133,7 +112,7 @@ def check_siglip_args(x, y, logit_scale, logit_bias, group_ids=None) -> None:
 # Launch configuration
 # ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class _TileConfig:
+class TileConfig:
     block_rows: int  # rows of X per program
     block_cols: int  # columns (rows of Y) per tile
     block_d: int  # features per tl.dot step
@@ -144,8 +123,8 @@ class _TileConfig:
     max_registers: int | None = None  # ptxas's per-thread cap (None: its own choice)
 
 
-def _tile_config(n_rows: int, n_cols: int, dim: int, dtype: torch.dtype, device: torch.device,
-                 backward: bool) -> _TileConfig:
+def tile_config(n_rows: int, n_cols: int, dim: int, dtype: torch.dtype, device: torch.device,
+                 backward: bool) -> TileConfig:
     if triton_interpreting():
         # The interpreter costs ~ms per program and per op: small tiles, and few programs. The
         # tests pick B and d so that partial row, column, feature and output blocks all occur.
@@ -153,7 +132,7 @@ def _tile_config(n_rows: int, n_cols: int, dim: int, dtype: torch.dtype, device:
     else:
         programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
         if dtype in (torch.float16, torch.bfloat16):
-            # Measured on an H100, bf16, B = 16k, d = 768 (bench/siglip_notes.md): 64 x 128 forward
+            # Measured on an H100, bf16, B = 16k, d = 768 (docs/siglip_notes.md): 64 x 128 forward
             # tiles beat 128 x 128 by 9%; in the backward a 64 x 256 gradient block ran its executed
             # work at ~110 TFLOP/s against ~260 for 64 x 128 (register pressure, not profiled), so
             # above d = 256 the narrower block wins despite recomputing S for twice as many blocks.
@@ -169,11 +148,11 @@ def _tile_config(n_rows: int, n_cols: int, dim: int, dtype: torch.dtype, device:
             rows, cols, feats, outs, warps, stages = 32, 32, 16, 64, 4, 1
     feats = min(feats, max(16, next_power_of_2(dim)))
     outs = min(outs, max(16, next_power_of_2(dim)))
-    splits = 1 if backward else _forward_splits(n_rows, n_cols, rows, cols, programs)
-    return _TileConfig(rows, cols, feats, outs, splits, warps, stages)
+    splits = 1 if backward else forward_splits(n_rows, n_cols, rows, cols, programs)
+    return TileConfig(rows, cols, feats, outs, splits, warps, stages)
 
 
-def _forward_splits(n_rows: int, n_cols: int, block_rows: int, block_cols: int, programs: int) -> int:
+def forward_splits(n_rows: int, n_cols: int, block_rows: int, block_cols: int, programs: int) -> int:
     """Column ranges per row block so that the forward launches about ``programs`` programs."""
     row_blocks, col_blocks = cdiv(n_rows, block_rows), cdiv(n_cols, block_cols)
     return max(1, min(col_blocks, cdiv(programs, row_blocks)))
@@ -224,7 +203,7 @@ if HAS_TRITON:
         1e-9 relative): one approximate reciprocal and nine FMAs. (For subnormal e, |u| > 87, the
         relative error grows, but the absolute error stays below 1e-45.) libdevice's logf plus an IEEE
         division cost ~3x the instructions, and in the forward this runs once per pair against
-        a d-long dot product (bench/siglip_notes.md). fp64: log with Goldberg's correction.
+        a d-long dot product (docs/siglip_notes.md). fp64: log with Goldberg's correction.
         """
         if ACC == tl.float64:
             one_plus = 1.0 + e
@@ -244,12 +223,12 @@ if HAS_TRITON:
             return 2.0 * s * p
 
     @triton.jit
-    def _softplus(u, ACC: tl.constexpr):
+    def softplus(u, ACC: tl.constexpr):
         """log(1 + exp(u)) = max(u, 0) + log1p(exp(-|u|)); NaN in u stays NaN."""
         return tl.maximum(u, 0.0) + _log1p_unit(tl.exp(-tl.abs(u)), ACC)
 
     @triton.jit
-    def _sigmoid(u, ACC: tl.constexpr):
+    def sigmoid(u, ACC: tl.constexpr):
         e = tl.exp(-tl.abs(u))
         num = tl.where(u >= 0, 1.0, e)
         if ACC == tl.float64:
@@ -282,7 +261,7 @@ if HAS_TRITON:
             logits = t * _pair_dots(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D, sx0, sx1, sy0, sy1,
                                     BLOCK_R, BLOCK_C, BLOCK_D, PREC, ACC, IDX) + b
             positive = _positive_pairs(rows, cols, col_ok, row_start, col_start, row_group, gy_ptr, HAS_GROUPS)
-            pair_loss = _softplus(tl.where(positive, -logits, logits), ACC)  # -log sigmoid(z S)
+            pair_loss = softplus(tl.where(positive, -logits, logits), ACC)  # -log sigmoid(z S)
             row_loss += tl.sum(tl.where(row_ok[:, None] & col_ok[None, :], pair_loss, 0.0), axis=1)
         tl.store(part_ptr + pid_r * tl.num_programs(1) + pid_s, tl.sum(row_loss, axis=0))
 
@@ -319,7 +298,7 @@ if HAS_TRITON:
                               BLOCK_R, BLOCK_C, BLOCK_D, PREC, ACC, IDX)
             logits = t * dots + b
             positive = _positive_pairs(rows, cols, col_ok, a_start, b_start, row_group, gb_ptr, HAS_GROUPS)
-            sig = _sigmoid(tl.where(positive, -logits, logits), ACC)
+            sig = sigmoid(tl.where(positive, -logits, logits), ACC)
             # The 1/B stays out of the tile so that fp16 tiles do not underflow; applied below.
             ok = row_ok[:, None] & col_ok[None, :]
             dlogit = tl.where(ok, tl.where(positive, -sig, sig), 0.0)
@@ -362,7 +341,7 @@ if HAS_TRITON:
         if HAS_GROUPS:
             row_group = tl.load(gx_ptr + rows, mask=row_ok, other=0)
         positive = _positive_pairs(rows, cols, col_ok, row_start, col_start, row_group, gy_ptr, HAS_GROUPS)
-        sig = _sigmoid(tl.where(positive, -logits, logits), ACC)
+        sig = sigmoid(tl.where(positive, -logits, logits), ACC)
         dlogit = tl.where(ok, tl.where(positive, -sig, sig), 0.0)
         tl.store(g_ptr + rows.to(IDX)[:, None] * NC + cols.to(IDX)[None, :], dlogit.to(g_ptr.dtype.element_ty),
                  mask=ok)
@@ -371,20 +350,24 @@ if HAS_TRITON:
         tl.store(part + 1, tl.sum(tl.sum(dlogit, axis=1), axis=0))
 
 
-def _triton_block_forward(x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start, loss_scale):
+_KERNELS = "SigLIP kernels"  # for check_interpretable: their tl.dot computes in x's dtype
+
+
+def triton_block_forward(x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start, loss_scale):
+    check_interpretable(x, _KERNELS)
     n_rows, dim = x.shape
     n_cols = y.shape[0]
-    cfg = _tile_config(n_rows, n_cols, dim, x.dtype, x.device, backward=False)
+    cfg = tile_config(n_rows, n_cols, dim, x.dtype, x.device, backward=False)
     row_blocks = cdiv(n_rows, cfg.block_rows)
     per_split = cdiv(cdiv(n_cols, cfg.block_cols), cfg.splits)
     splits = cdiv(cdiv(n_cols, cfg.block_cols), per_split)
-    partials = torch.empty((row_blocks, splits), dtype=_compute_dtype(x.dtype), device=x.device)
+    partials = torch.empty((row_blocks, splits), dtype=compute_dtype(x.dtype), device=x.device)
     has_groups = row_groups is not None
     _siglip_fwd_kernel[(row_blocks, splits)](
         x, y, logit_scale, logit_bias, row_groups if has_groups else x, col_groups if has_groups else y, partials,
         n_rows, n_cols, dim, *x.stride(), *y.stride(), row_start, col_start, per_split,
         HAS_GROUPS=has_groups, BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, BLOCK_D=cfg.block_d,
-        PREC=_dot_precision(x.dtype), ACC=_acc_dtype(x.dtype), IDX=_index_dtype(x, y),
+        PREC=_dot_precision(x.dtype), ACC=acc_dtype(x.dtype), IDX=index_dtype(x, y),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers,
     )
     # A fixed-order reduction over programs: deterministic run to run.
@@ -393,10 +376,11 @@ def _triton_block_forward(x, y, logit_scale, logit_bias, row_groups, col_groups,
 
 def _launch_grad_pass(a, b, logit_scale, logit_bias, g_scale, a_groups, b_groups, a_start, b_start, param_grads):
     """dA (float32/float64) and, when param_grads, the per-program (dt', db) partials."""
+    check_interpretable(a, _KERNELS)
     n_a, dim = a.shape
-    cfg = _tile_config(n_a, b.shape[0], dim, a.dtype, a.device, backward=True)
+    cfg = tile_config(n_a, b.shape[0], dim, a.dtype, a.device, backward=True)
     grid = (cdiv(n_a, cfg.block_rows), cdiv(dim, cfg.block_out))
-    da = torch.empty(a.shape, dtype=_compute_dtype(a.dtype), device=a.device)
+    da = torch.empty(a.shape, dtype=compute_dtype(a.dtype), device=a.device)
     partials = torch.empty((grid[0], 2) if param_grads else (1, 2), dtype=da.dtype, device=a.device)
     has_groups = a_groups is not None
     _siglip_grad_kernel[grid](
@@ -404,15 +388,15 @@ def _launch_grad_pass(a, b, logit_scale, logit_bias, g_scale, a_groups, b_groups
         da, partials, n_a, b.shape[0], dim, *a.stride(), *b.stride(), *da.stride(), a_start, b_start,
         HAS_GROUPS=has_groups, PARAM_GRADS=param_grads,
         BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, BLOCK_D=cfg.block_d, BLOCK_O=cfg.block_out,
-        PREC=_dot_precision(a.dtype), ACC=_acc_dtype(a.dtype), IDX=_index_dtype(a, b, da),
+        PREC=_dot_precision(a.dtype), ACC=acc_dtype(a.dtype), IDX=index_dtype(a, b, da),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers,
     )
     return da, partials
 
 
-def _triton_block_backward(grad, x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start,
+def triton_block_backward(grad, x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start,
                            loss_scale):
-    g_scale = (grad * loss_scale).to(_compute_dtype(x.dtype)).contiguous()
+    g_scale = (grad * loss_scale).to(compute_dtype(x.dtype)).contiguous()
     dx, partials = _launch_grad_pass(x, y, logit_scale, logit_bias, g_scale, row_groups, col_groups,
                                      row_start, col_start, param_grads=True)
     dy, _ = _launch_grad_pass(y, x, logit_scale, logit_bias, g_scale, col_groups, row_groups,
@@ -422,12 +406,13 @@ def _triton_block_backward(grad, x, y, logit_scale, logit_bias, row_groups, col_
     return dx, dy, d_scale, d_bias
 
 
-def _triton_stripe_grad(x_s, y, logit_scale, logit_bias, row_groups, col_groups, start, stop, row_start,
+def triton_stripe_grad(x_s, y, logit_scale, logit_bias, row_groups, col_groups, start, stop, row_start,
                         col_start, acc):
     """G (unscaled, in the dtype of x_s) for the stripe x_s against all of y, and its
     (sum G <x, y>, sum G) in ``acc``: one kernel that computes the logits itself."""
+    check_interpretable(x_s, _KERNELS)
     n_rows, n_cols = x_s.shape[0], y.shape[0]
-    cfg = _tile_config(n_rows, n_cols, x_s.shape[1], x_s.dtype, x_s.device, backward=False)
+    cfg = tile_config(n_rows, n_cols, x_s.shape[1], x_s.dtype, x_s.device, backward=False)
     grid = (cdiv(n_rows, cfg.block_rows), cdiv(n_cols, cfg.block_cols))
     g = torch.empty((n_rows, n_cols), dtype=x_s.dtype, device=x_s.device)
     partials = torch.empty((grid[0] * grid[1], 2), dtype=acc, device=x_s.device)
@@ -437,7 +422,7 @@ def _triton_stripe_grad(x_s, y, logit_scale, logit_bias, row_groups, col_groups,
         col_groups if has_groups else y, n_rows, n_cols, x_s.shape[1], *x_s.stride(), *y.stride(),
         row_start + start, col_start,
         HAS_GROUPS=has_groups, BLOCK_R=cfg.block_rows, BLOCK_C=cfg.block_cols, BLOCK_D=cfg.block_d,
-        PREC=_dot_precision(x_s.dtype), ACC=_acc_dtype(x_s.dtype), IDX=_index_dtype(x_s, y, g),
+        PREC=_dot_precision(x_s.dtype), ACC=acc_dtype(x_s.dtype), IDX=index_dtype(x_s, y, g),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.max_registers,
     )
     return g, partials.sum(dim=0)
@@ -447,7 +432,7 @@ def _triton_stripe_grad(x_s, y, logit_scale, logit_bias, row_groups, col_groups,
 # Row stripes, O(stripe * B) memory: the PyTorch path (forward and backward) and the
 # stripes backward of the Triton path
 # ----------------------------------------------------------------------------------------
-def _stripes(n_rows: int, n_cols: int, device: torch.device):
+def stripe_bounds(n_rows: int, n_cols: int, device: torch.device):
     """(start, stop) of row stripes holding about STRIPE_ELEMENTS logits each."""
     budget = STRIPE_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
     step = max(1, min(n_rows, budget // max(1, n_cols)))
@@ -471,11 +456,11 @@ def _torch_positive_pairs(start, stop, n_cols, row_groups, col_groups, row_start
 
 
 def _torch_block_forward(x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start, loss_scale):
-    dtype = _compute_dtype(x.dtype)
+    dtype = compute_dtype(x.dtype)
     t, b = logit_scale.to(dtype).exp(), logit_bias.to(dtype)
     y_c = y.to(dtype)
     total = torch.zeros((), dtype=dtype, device=x.device)
-    for start, stop in _stripes(x.shape[0], y.shape[0], x.device):
+    for start, stop in stripe_bounds(x.shape[0], y.shape[0], x.device):
         logits = x[start:stop].to(dtype) @ y_c.T * t + b
         positive = _torch_positive_pairs(start, stop, y.shape[0], row_groups, col_groups, row_start, col_start,
                                          x.device)
@@ -496,7 +481,7 @@ def _torch_stripe_grad(x_s, y, logit_scale, logit_bias, row_groups, col_groups, 
     return dlogit.to(x_s.dtype), torch.stack([(dlogit * dots).sum(), dlogit.sum()])
 
 
-def _stripes_block_backward(grad, x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start,
+def stripes_block_backward(grad, x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start,
                             loss_scale, stripe_grad=_torch_stripe_grad):
     """dX = t G Y, dY = t G^T X by row stripes: per stripe G from S = X_s Y^T, then
     dX_s = G Y and dY += G^T X_s (fixed stripe order), all accumulated in float32 (float64).
@@ -507,7 +492,7 @@ def _stripes_block_backward(grad, x, y, logit_scale, logit_bias, row_groups, col
     1/B, t and the upstream gradient are applied to the sums, so fp16 G cannot underflow.
     dY's update runs over column chunks so that its fp32 product is a bounded temporary.
     """
-    acc = _compute_dtype(x.dtype)
+    acc = compute_dtype(x.dtype)
     half_products = x.device.type in ("cuda", "meta") and _MM_HAS_OUT_DTYPE  # torch.mm(out_dtype=) kernels
     mm_dtype = x.dtype if half_products else acc
     x_m, y_m = x.to(mm_dtype), y.to(mm_dtype)
@@ -516,7 +501,7 @@ def _stripes_block_backward(grad, x, y, logit_scale, logit_bias, row_groups, col
     sums = torch.zeros(2, dtype=acc, device=x.device)  # sum G <x, y>, sum G
     budget = STRIPE_ELEMENTS["cuda" if x.is_cuda else "cpu"]
     chunk = max(1, budget // (DY_CHUNK_FRACTION * x.shape[1]))
-    for start, stop in _stripes(x.shape[0], y.shape[0], x.device):
+    for start, stop in stripe_bounds(x.shape[0], y.shape[0], x.device):
         x_s = x_m[start:stop]
         g, stripe_sums = stripe_grad(x_s, y_m, logit_scale, logit_bias, row_groups, col_groups, start, stop,
                                      row_start, col_start, acc)
@@ -538,13 +523,13 @@ def _stripes_block_backward(grad, x, y, logit_scale, logit_bias, row_groups, col
 def _siglip_loss_op(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
                     row_groups: torch.Tensor | None, col_groups: torch.Tensor | None,
                     row_start: int, col_start: int, loss_scale: float) -> torch.Tensor:
-    return _triton_block_forward(x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start,
+    return triton_block_forward(x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start,
                                  loss_scale)
 
 
 @_siglip_loss_op.register_fake
 def _(x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start, loss_scale):
-    return x.new_empty((), dtype=_compute_dtype(x.dtype))
+    return x.new_empty((), dtype=compute_dtype(x.dtype))
 
 
 @torch.library.custom_op("dcformer_kernels::siglip_loss_backward", mutates_args=())
@@ -555,13 +540,13 @@ def _siglip_loss_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (grad, x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start, loss_scale)
     if backward_impl == "stripes":
-        return _stripes_block_backward(*args, stripe_grad=_triton_stripe_grad)
-    return _triton_block_backward(*args)
+        return stripes_block_backward(*args, stripe_grad=triton_stripe_grad)
+    return triton_block_backward(*args)
 
 
 @_siglip_loss_backward_op.register_fake
 def _(grad, x, y, logit_scale, logit_bias, row_groups, col_groups, row_start, col_start, loss_scale, backward_impl):
-    dtype = _compute_dtype(x.dtype)
+    dtype = compute_dtype(x.dtype)
     return (x.new_empty(x.shape, dtype=dtype), y.new_empty(y.shape, dtype=dtype),
             torch.empty_like(logit_scale), torch.empty_like(logit_bias))
 
@@ -583,18 +568,18 @@ def _backward_flops(grad_shape, x_shape, y_shape, *args, out_shape=None, **kwarg
 # ----------------------------------------------------------------------------------------
 # Autograd and the functional form
 # ----------------------------------------------------------------------------------------
-def _block_forward(backend: str, *args) -> torch.Tensor:
+def block_forward(backend: str, *args) -> torch.Tensor:
     """loss_scale * sum over the block's pairs of -log sigmoid(z S) (0-dim, float32/float64)."""
     if backend == "triton":
         return torch.ops.dcformer_kernels.siglip_loss(*args)
     return _torch_block_forward(*args)
 
 
-def _block_backward(backend: str, backward_impl: str, grad, *args):
+def block_backward(backend: str, backward_impl: str, grad, *args):
     """(dx, dy) in float32/float64 and (d logit_scale, d logit_bias) for one block."""
     if backend == "triton":
         return torch.ops.dcformer_kernels.siglip_loss_backward(grad, *args, backward_impl)
-    return _stripes_block_backward(grad, *args)
+    return stripes_block_backward(grad, *args)
 
 
 def resolve_backward_impl(backward_impl: str, backend: str, dim: int, pairs: int) -> str:
@@ -631,13 +616,13 @@ class SigLIPLossFunction(torch.autograd.Function):
         ctx.save_for_backward(x, y, logit_scale, logit_bias, row_groups, col_groups)
         ctx.pairs = (row_start, col_start, loss_scale)
         ctx.backend, ctx.backward_impl = backend, backward_impl
-        return _block_forward(backend, x, y, logit_scale, logit_bias, row_groups, col_groups,
+        return block_forward(backend, x, y, logit_scale, logit_bias, row_groups, col_groups,
                               row_start, col_start, loss_scale)
 
     @staticmethod
     def backward(ctx, grad):
         x, y, logit_scale, logit_bias, row_groups, col_groups = ctx.saved_tensors
-        dx, dy, d_scale, d_bias = _block_backward(ctx.backend, ctx.backward_impl, grad, x, y, logit_scale,
+        dx, dy, d_scale, d_bias = block_backward(ctx.backend, ctx.backward_impl, grad, x, y, logit_scale,
                                                   logit_bias, row_groups, col_groups, *ctx.pairs)
         return dx.to(x.dtype), dy.to(y.dtype), d_scale, d_bias, None, None, None, None, None, None, None
 
@@ -676,226 +661,10 @@ def siglip_loss(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, log
     check_siglip_args(x, y, logit_scale, logit_bias, group_ids)
     backend = resolve_backend(backend, x.device)
     backward_impl = resolve_backward_impl(backward_impl, backend, x.shape[1], x.shape[0] * y.shape[0])
-    return SigLIPLossFunction.apply(x, y, logit_scale, logit_bias, _unit_stride(group_ids), None, 0, 0,
+    return SigLIPLossFunction.apply(x, y, logit_scale, logit_bias, unit_stride(group_ids), None, 0, 0,
                                     1.0 / x.shape[0], backend, backward_impl)
 
 
-def _unit_stride(group_ids: torch.Tensor | None) -> torch.Tensor | None:
+def unit_stride(group_ids: torch.Tensor | None) -> torch.Tensor | None:
     """The kernels index group ids with stride 1."""
     return None if group_ids is None else group_ids.contiguous()
-
-
-# ----------------------------------------------------------------------------------------
-# Several processes: each holds B_local rows of x and of y; B = world_size * B_local.
-#
-# Convention (both modes): rank r returns world_size * (its share of the global loss), its
-# share being -(1/B) sum over its rows i and ALL columns j. So the mean over ranks of the
-# returned values is the single-process loss, and every gradient a rank computes is
-# world_size times its contribution: after the usual DDP averaging of gradients (all_reduce
-# sum / world_size) they equal the single-process gradients. Embedding gradients reaching a
-# rank's encoders are world_size * dL/d(embedding), which that same averaging cancels.
-# Local batches must have equal sizes on every rank (checked: one tiny all-gather per call);
-# group ids must be global labels.
-# ----------------------------------------------------------------------------------------
-def _world(group):
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("distributed SigLIP needs an initialised torch.distributed process group")
-    return dist.get_world_size(group), dist.get_rank(group)
-
-
-_BLOCK_TAG, _GRAD_TAG = 0, 2  # a block and its group ids use tags 0 and 1
-_all_gather_rows = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_rows = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-def _gather_rows_no_grad(t: torch.Tensor, group) -> torch.Tensor:
-    world, _ = _world(group)
-    out = t.new_empty((world * t.shape[0], *t.shape[1:]))
-    _all_gather_rows(out, t.contiguous(), group=group)
-    return out
-
-
-def _check_equal_local_batches(x: torch.Tensor, group) -> None:
-    """Raise on every rank if the local batch sizes differ (a gather or ring step would abort or
-    read rows that are not there). One tiny all-gather and a host sync per call."""
-    sizes = _gather_rows_no_grad(torch.tensor([x.shape[0]], device=x.device), group).tolist()
-    if len(set(sizes)) > 1:
-        raise ValueError(f"x must hold the same number of rows on every rank of the group; got local batch "
-                         f"sizes {sizes} (rank order)")
-
-
-class _GatherRows(torch.autograd.Function):
-    """all_gather along dim 0; backward sums every rank's gradient of a block onto its owner."""
-
-    @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
-        return _gather_rows_no_grad(t, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        world, _ = _world(ctx.group)
-        out = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
-        _reduce_scatter_rows(out, grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
-        return out, None
-
-
-def siglip_loss_gather(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
-                       group_ids: torch.Tensor | None = None, group=None, backend: str = "auto",
-                       backward_impl: str = "auto") -> torch.Tensor:
-    """Distributed SigLIP loss, all-gather form: local rows of x against every rank's y.
-
-    Holds the gathered B x d text embeddings on every rank; the logits exist only as tiles
-    (or, with the stripes backward, as row stripes of the local rows against all B columns).
-    Returns world_size * this rank's share of the global loss (see the convention above).
-    """
-    check_siglip_args(x, y, logit_scale, logit_bias, group_ids)
-    world, rank = _world(group)
-    _check_equal_local_batches(x, group)
-    backend = resolve_backend(backend, x.device)
-    backward_impl = resolve_backward_impl(backward_impl, backend, x.shape[1], x.shape[0] ** 2 * world)
-    n_local = x.shape[0]
-    group_ids = _unit_stride(group_ids)
-    y_all = _GatherRows.apply(y, group)
-    groups_all = None if group_ids is None else _gather_rows_no_grad(group_ids, group)
-    return SigLIPLossFunction.apply(x, y_all, logit_scale, logit_bias, group_ids, groups_all,
-                                    rank * n_local, 0, 1.0 / n_local, backend, backward_impl)
-
-
-def _start_shift(tensors, group, tag):
-    """Send each tensor to the next rank and receive the previous rank's into new buffers.
-
-    Tags keep the travelling blocks, their group ids and their gradients apart in flight."""
-    world, rank = _world(group)
-    peer = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
-    received = [torch.empty_like(t) for t in tensors]
-    ops = []
-    for i, (t, buf) in enumerate(zip(tensors, received)):
-        ops.append(dist.P2POp(dist.isend, t.contiguous(), peer((rank + 1) % world), group, tag + i))
-        ops.append(dist.P2POp(dist.irecv, buf, peer((rank - 1) % world), group, tag + i))
-    return received, dist.batch_isend_irecv(ops)
-
-
-def _finish_shift(pending):
-    received, works = pending
-    for work in works:
-        work.wait()
-    return received
-
-
-class _RingSigLIPFunction(torch.autograd.Function):
-    """Text blocks travel to the next rank W - 1 times; each step adds the fused loss of the
-    local rows against the block in hand. Backward sends the blocks round again and, with each,
-    the fp32 gradient accumulated for it so far; after W steps every gradient is back home.
-    Saves only the local x, y: O(B_local * d) memory, no rank holds global logits."""
-
-    @staticmethod
-    def forward(ctx, x, y, logit_scale, logit_bias, group_ids, group, backend, backward_impl):
-        _, rank = _world(group)
-        y = y.contiguous()
-        ctx.save_for_backward(x, y, logit_scale, logit_bias, group_ids)
-        ctx.group, ctx.backend, ctx.backward_impl = group, backend, backward_impl
-        total = None
-        for y_block, g_block, owner in _ring_blocks(y, group_ids, group):
-            part = _block_forward(backend, x, y_block, logit_scale, logit_bias, group_ids, g_block,
-                                  rank * x.shape[0], owner * y.shape[0], 1.0 / x.shape[0])
-            total = part if total is None else total + part
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, y, logit_scale, logit_bias, group_ids = ctx.saved_tensors
-        world, rank = _world(ctx.group)
-        dx = d_scale = d_bias = dy_block = None
-        for y_block, g_block, owner in _ring_blocks(y, group_ids, ctx.group):
-            dx_k, dy_k, ds_k, db_k = _block_backward(ctx.backend, ctx.backward_impl, grad, x, y_block,
-                                                     logit_scale, logit_bias, group_ids, g_block,
-                                                     rank * x.shape[0], owner * y.shape[0], 1.0 / x.shape[0])
-            if dx is None:
-                dx, d_scale, d_bias, dy_block = dx_k, ds_k, db_k, dy_k
-            else:
-                dx, d_scale, d_bias, dy_block = dx + dx_k, d_scale + ds_k, d_bias + db_k, dy_block + dy_k
-            if world > 1:  # the gradient follows its block; after the last step it reaches the owner
-                (dy_block,) = _finish_shift(_start_shift([dy_block], ctx.group, _GRAD_TAG))
-        return dx.to(x.dtype), dy_block.to(y.dtype), d_scale, d_bias, None, None, None, None
-
-
-def _ring_blocks(y, group_ids, group):
-    """Yield (y block, its group ids, owner rank) for the W steps; the next transfer overlaps
-    the caller's work on the current block."""
-    world, rank = _world(group)
-    block, groups = y, group_ids
-    for step in range(world):
-        pending = None
-        if step < world - 1:
-            pending = _start_shift([block] if groups is None else [block, groups], group, _BLOCK_TAG)
-        yield block, groups, (rank - step) % world
-        if pending is not None:
-            received = _finish_shift(pending)
-            block, groups = received[0], (received[1] if groups is not None else None)
-
-
-def siglip_loss_ring(x: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
-                     group_ids: torch.Tensor | None = None, group=None, backend: str = "auto",
-                     backward_impl: str = "auto") -> torch.Tensor:
-    """Distributed SigLIP loss, ring form (the paper's): text blocks pass neighbour to neighbour.
-
-    Positives lie in the rank's own block only (or wherever group ids match). Returns
-    world_size * this rank's share of the global loss (see the convention above).
-    """
-    check_siglip_args(x, y, logit_scale, logit_bias, group_ids)
-    _world(group)
-    _check_equal_local_batches(x, group)
-    backend = resolve_backend(backend, x.device)
-    backward_impl = resolve_backward_impl(backward_impl, backend, x.shape[1], x.shape[0] ** 2)  # per ring step
-    return _RingSigLIPFunction.apply(x, y, logit_scale, logit_bias, _unit_stride(group_ids), group, backend,
-                                     backward_impl)
-
-
-class SigLIPLoss(nn.Module):
-    """SigLIP loss with its temperature t' and bias b (paper init: t' = log 10, b = -10).
-
-    Args:
-        init_logit_scale: initial t' (the temperature is exp(t')).
-        init_logit_bias: initial b.
-        learnable: t' and b are nn.Parameters if True, buffers otherwise.
-        dist_impl: None (one process), "gather" or "ring" (see ``siglip_loss_gather`` /
-            ``siglip_loss_ring``; each rank returns world_size * its share of the loss, so DDP's
-            gradient averaging reproduces the single-process gradients).
-        backend: "auto", "triton" or "torch", as for ``siglip_loss``.
-        process_group: the torch.distributed group for the "gather"/"ring" modes (None: world).
-        backward_impl: "auto", "fused" or "stripes", as for ``siglip_loss`` (an attribute:
-            it may be changed between steps).
-    """
-
-    def __init__(self, init_logit_scale: float = math.log(10.0), init_logit_bias: float = -10.0,
-                 learnable: bool = True, dist_impl: str | None = None, backend: str = "auto", process_group=None,
-                 backward_impl: str = "auto"):
-        super().__init__()
-        if dist_impl not in DIST_IMPLS:
-            raise ValueError(f"dist_impl must be one of {DIST_IMPLS}; got {dist_impl!r}")
-        if backward_impl not in BACKWARD_IMPLS:
-            raise ValueError(f"backward_impl must be one of {BACKWARD_IMPLS}; got {backward_impl!r}")
-        scale = torch.tensor(float(init_logit_scale))
-        bias = torch.tensor(float(init_logit_bias))
-        if learnable:
-            self.logit_scale, self.logit_bias = nn.Parameter(scale), nn.Parameter(bias)
-        else:
-            self.register_buffer("logit_scale", scale)
-            self.register_buffer("logit_bias", bias)
-        self.dist_impl = dist_impl
-        self.backend = backend
-        self.process_group = process_group
-        self.backward_impl = backward_impl
-
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor,
-                group_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if self.dist_impl is None:
-            return siglip_loss(image_emb, text_emb, self.logit_scale, self.logit_bias, group_ids, self.backend,
-                               self.backward_impl)
-        loss_fn = siglip_loss_gather if self.dist_impl == "gather" else siglip_loss_ring
-        return loss_fn(image_emb, text_emb, self.logit_scale, self.logit_bias, group_ids, self.process_group,
-                       self.backend, self.backward_impl)
-
-    def extra_repr(self) -> str:
-        return f"dist_impl={self.dist_impl!r}, backend={self.backend!r}, backward_impl={self.backward_impl!r}"

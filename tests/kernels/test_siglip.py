@@ -162,8 +162,8 @@ def test_pair_functions_are_accurate_in_fp32():
     @triton.jit
     def pair_functions(u_ptr, sp_ptr, sg_ptr, N: tl.constexpr):
         u = tl.load(u_ptr + tl.arange(0, N))
-        tl.store(sp_ptr + tl.arange(0, N), siglip_mod._softplus(u, tl.float32))
-        tl.store(sg_ptr + tl.arange(0, N), siglip_mod._sigmoid(u, tl.float32))
+        tl.store(sp_ptr + tl.arange(0, N), siglip_mod.softplus(u, tl.float32))
+        tl.store(sg_ptr + tl.arange(0, N), siglip_mod.sigmoid(u, tl.float32))
 
     mags = torch.cat([torch.logspace(-8, 1.9, 60, dtype=torch.float64), torch.tensor([0.0, 0.5, 1.0, 2.0])])
     u = torch.cat([mags, -mags, torch.tensor([math.inf, -math.inf], dtype=torch.float64)])
@@ -258,8 +258,8 @@ def test_backward_impl_selection(monkeypatch):
     with pytest.raises(ValueError, match="backward_impl must be one of"):
         SigLIPLoss(backward_impl="rows")
     seen = []
-    monkeypatch.setattr(siglip_mod, "_block_backward", lambda backend, impl, *args: seen.append(impl) or
-                        siglip_mod._stripes_block_backward(*args))
+    monkeypatch.setattr(siglip_mod, "block_backward", lambda backend, impl, *args: seen.append(impl) or
+                        siglip_mod.stripes_block_backward(*args))
     module = SigLIPLoss(backend="triton", backward_impl="stripes")
     module(x, y).backward()
     module.backward_impl = "auto"  # d = 40: the fused kernels
@@ -272,7 +272,7 @@ def test_backward_impl_selection(monkeypatch):
 def test_cuda_stripes_are_bounded_and_tile_aligned(batch, rows):
     """CUDA stripes hold at most 2^27 logits (512 MiB fp32) and, when they can hold 128 rows or
     more, a multiple of 128 of them."""
-    stripes = siglip_mod._stripes(batch, batch, torch.device("cuda"))
+    stripes = siglip_mod.stripe_bounds(batch, batch, torch.device("cuda"))
     assert stripes[0] == (0, rows)
     assert all(stop - start == rows for start, stop in stripes[:-1]) and stripes[-1][1] == batch
     assert rows * batch <= siglip_mod.STRIPE_ELEMENTS["cuda"]
@@ -351,8 +351,8 @@ def test_stripes_buffers_at_64k_stay_under_a_gibibyte(dim, monkeypatch):
     x, y = (torch.empty(batch, dim, dtype=torch.bfloat16, device="meta") for _ in range(2))
     scale, bias = (torch.zeros((), device="meta") for _ in range(2))
     with _LiveBytes(x, y, scale, bias) as live:
-        dx, dy, _, _ = siglip_mod._stripes_block_backward(scale, x, y, scale, bias, None, None, 0, 0, 1 / batch,
-                                                          stripe_grad=siglip_mod._triton_stripe_grad)
+        dx, dy, _, _ = siglip_mod.stripes_block_backward(scale, x, y, scale, bias, None, None, 0, 0, 1 / batch,
+                                                          stripe_grad=siglip_mod.triton_stripe_grad)
     assert dx.dtype == dy.dtype == torch.float32
     rows = siglip_mod.STRIPE_ELEMENTS["cuda"] // batch
     g = rows * batch * 2

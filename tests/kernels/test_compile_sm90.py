@@ -13,7 +13,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 NVIDIA_BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(not all((NVIDIA_BIN / tool).exists() for tool in ("ptxas", "nvdisasm")),

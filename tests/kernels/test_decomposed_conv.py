@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import dcformer_kernels.decomposed_conv as dc
+from dcformer_kernels.conv_common import weight_grads
 from dcformer_kernels import DecomposedConv3d, decomposed_conv3d, decomposed_conv3d_reference
 
 
@@ -157,11 +158,10 @@ TC_CASES = [
 
 
 @pytest.mark.parametrize("shape,ks,layout,dtype,bias", TC_CASES)
-def test_tensor_core_forward_matches_reference(shape, ks, layout, dtype, bias, monkeypatch, poisoned_allocations):
+def test_tensor_core_forward_matches_reference(shape, ks, layout, dtype, bias, poisoned_allocations):
     """The banded-matrix forward (run here with IEEE fp32 / fp16 dots): cubes of 16 with partial
     cubes on every axis, odd channel counts (two channels per program), both memory formats, a
     strided view, k = 1 and k = 31 on every axis (halos wider than the cube)."""
-    monkeypatch.setattr(dc, "TENSOR_CORES", "always")
     torch.manual_seed(hash((shape, ks)) % 2**31)
     base = torch.randn(shape[0], shape[1] * 2, *shape[2:])
     x = {"ncdhw": base[:, : shape[1]].contiguous(),
@@ -169,9 +169,9 @@ def test_tensor_core_forward_matches_reference(shape, ks, layout, dtype, bias, m
          "view": base[:, ::2]}[layout].to(dtype)
     weights = [(torch.randn(shape[1], k) / k).to(dtype) for k in ks]
     b = torch.randn(shape[1]).to(dtype) if bias else None
-    assert dc._use_tensor_cores(x, 1)
+    assert dc.use_tensor_cores(x, 1, "tensor_cores")
     with poisoned_allocations():
-        y = decomposed_conv3d(x, *weights, b, backend="triton")
+        y = decomposed_conv3d(x, *weights, b, backend="triton", impl="tensor_cores")
     want = decomposed_conv3d_reference(x.double(), *[w.double() for w in weights],
                                        b.double() if bias else None)
     assert rel_err(y, want) <= (1e-3 if dtype == torch.float16 else 1e-6)
@@ -180,17 +180,16 @@ def test_tensor_core_forward_matches_reference(shape, ks, layout, dtype, bias, m
 
 
 @pytest.mark.parametrize("shape,ks,layout,dtype,bias", [c for c in TC_CASES if c[3] == torch.float32])
-def test_tensor_core_backward_matches_reference(shape, ks, layout, dtype, bias, monkeypatch, poisoned_allocations):
+def test_tensor_core_backward_matches_reference(shape, ks, layout, dtype, bias, poisoned_allocations):
     """dx as the forward of g with reversed kernels; weight/bias gradients as diagonal sums of
     per-cube products (the tensor-core backward); bitwise repeatable."""
-    monkeypatch.setattr(dc, "TENSOR_CORES", "always")
     torch.manual_seed(hash((shape, ks, 1)) % 2**31)
     x = torch.randn(shape)
     x = x.contiguous(memory_format=torch.channels_last_3d) if layout == "cl" else x
     leaves = [x.requires_grad_(), *[(torch.randn(shape[1], k) / k).requires_grad_() for k in ks]]
     if bias:
         leaves.append(torch.randn(shape[1], requires_grad=True))
-    y = decomposed_conv3d(*leaves, backend="triton")
+    y = decomposed_conv3d(*leaves, backend="triton", impl="tensor_cores")
     grad = torch.randn_like(y)
     with poisoned_allocations():
         got = torch.autograd.grad(y, leaves, grad)
@@ -198,20 +197,19 @@ def test_tensor_core_backward_matches_reference(shape, ks, layout, dtype, bias, 
     want = torch.autograd.grad(decomposed_conv3d_reference(*ref_leaves), ref_leaves, grad.double())
     for name, g, w in zip(["x", "weight_d", "weight_h", "weight_w", "bias"], got, want):
         assert rel_err(g, w) <= 1e-6, name
-    again = torch.autograd.grad(decomposed_conv3d(*leaves, backend="triton"), leaves, grad)
+    again = torch.autograd.grad(decomposed_conv3d(*leaves, backend="triton", impl="tensor_cores"), leaves, grad)
     assert all(torch.equal(a, b) for a, b in zip(got, again))
 
 
-def test_tensor_core_path_puts_non_finite_values_where_the_reference_does(monkeypatch):
+def test_tensor_core_path_puts_non_finite_values_where_the_reference_does():
     """Zeros of the band times an Inf would give NaN where the reference is finite: such forward
     blocks are recomputed on the direct path, so NaN/Inf land exactly where the reference puts them."""
-    monkeypatch.setattr(dc, "TENSOR_CORES", "always")
     torch.manual_seed(6)
     x = torch.randn(1, 3, 16, 18, 16)
     x[0, 0, 4, 17, 9] = float("inf")  # next to the H border: reaches rows past the volume in a cube
     x[0, 2, 12, 3, 3] = float("nan")
     weights = [torch.randn(3, k) for k in (5, 5, 7)]
-    got = decomposed_conv3d(x, *weights, backend="triton")
+    got = decomposed_conv3d(x, *weights, backend="triton", impl="tensor_cores")
     want = decomposed_conv3d_reference(x, *weights)
     assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
     finite = torch.isfinite(want)
@@ -223,7 +221,7 @@ def test_tensor_core_path_puts_non_finite_values_where_the_reference_does(monkey
     leaves = [x.requires_grad_(), *[w.requires_grad_() for w in weights]]
     grad = torch.randn_like(want)
     grad[0, 1, 3, 3, 3] = float("nan")
-    got = torch.autograd.grad(decomposed_conv3d(*leaves, backend="triton"), leaves, grad)
+    got = torch.autograd.grad(decomposed_conv3d(*leaves, backend="triton", impl="tensor_cores"), leaves, grad)
     want = torch.autograd.grad(decomposed_conv3d_reference(*leaves), leaves, grad)
     for g, w in zip(got, want):
         assert torch.equal(torch.isnan(g), torch.isnan(w)) and torch.equal(torch.isinf(g), torch.isinf(w))
@@ -231,24 +229,29 @@ def test_tensor_core_path_puts_non_finite_values_where_the_reference_does(monkey
         torch.testing.assert_close(g[finite], w[finite], rtol=1e-4, atol=1e-4)
 
 
-def test_tensor_core_dispatch(monkeypatch):
+def test_tensor_core_dispatch():
     def fake(shape=(2, 8, 16, 16, 16), dtype=torch.bfloat16, channels_last=False, cuda=True):
         t = torch.empty(shape, dtype=dtype, device="meta")
         t = t.contiguous(memory_format=torch.channels_last_3d) if channels_last else t
         return type("FakeCuda", (), {"shape": t.shape, "dtype": t.dtype, "is_cuda": cuda, "stride": t.stride})()
 
-    assert dc._use_tensor_cores(fake(), 1)
-    assert dc._use_tensor_cores(fake(dtype=torch.float16), 1)
-    assert not dc._use_tensor_cores(fake(), 2)  # stride 2: direct kernel
-    assert not dc._use_tensor_cores(fake(shape=(2, 8, 8, 16, 16)), 1)  # an axis under one cube
-    assert not dc._use_tensor_cores(fake(dtype=torch.float32), 1)
-    assert not dc._use_tensor_cores(fake(channels_last=True), 1)
-    assert not dc._use_tensor_cores(fake(cuda=False), 1)
-    monkeypatch.setattr(dc, "TENSOR_CORES", "never")
-    assert not dc._use_tensor_cores(fake(), 1)
-    monkeypatch.setattr(dc, "TENSOR_CORES", "sometimes")
-    with pytest.raises(ValueError, match="TENSOR_CORES"):
-        dc._use_tensor_cores(fake(), 1)
+    assert dc.use_tensor_cores(fake(), 1)
+    assert dc.use_tensor_cores(fake(dtype=torch.float16), 1)
+    assert not dc.use_tensor_cores(fake(), 2)  # stride 2: direct kernel
+    assert not dc.use_tensor_cores(fake(shape=(2, 8, 8, 16, 16)), 1)  # an axis under one cube
+    assert not dc.use_tensor_cores(fake(dtype=torch.float32), 1)
+    assert not dc.use_tensor_cores(fake(channels_last=True), 1)
+    assert not dc.use_tensor_cores(fake(cuda=False), 1)
+    assert dc.use_tensor_cores(fake(dtype=torch.float32, channels_last=True, cuda=False), 1, "tensor_cores")
+    assert not dc.use_tensor_cores(fake(), 2, "tensor_cores")
+    assert not dc.use_tensor_cores(fake(), 1, "direct")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        dc.use_tensor_cores(fake(), 1, "sometimes")
+    x = torch.randn(1, 2, 3, 3, 3)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        decomposed_conv3d(x, *[torch.randn(2, 3)] * 3, impl="always")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        DecomposedConv3d(2, 2, 3, groups=2, impl="never")
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -309,32 +312,34 @@ def test_registered_ops_check_their_arguments():
 
 
 @pytest.mark.parametrize("with_bias,dtype", [(True, torch.float32), (False, torch.float64)])
-def test_weight_grads_kernel_sums_partials_into_each_gradient(with_bias, dtype):
-    """The backward's reduction: several row blocks (P = 37) and channel blocks (C = 45 > 32)."""
+def test_weight_grads_kernel_sums_partials_into_each_gradient(with_bias, dtype, seed):
+    """The backward's reduction: several row blocks (P = 37) and channel blocks (C = 45 > 32),
+    against a float64 sum (a float32 sum of 37 terms rounds at ~1e-6 whatever its order)."""
     taps = (5, 3, 7)
     partials = torch.randn(37, sum(taps) + with_bias, 45, dtype=dtype)
-    grads = dc._weight_grads(partials, taps, dtype)
-    want = partials.sum(0).t().split([*taps, 1] if with_bias else list(taps), dim=1)
+    grads = weight_grads(partials, taps, dtype)
+    want = partials.double().sum(0).t().split([*taps, 1] if with_bias else list(taps), dim=1)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     assert len(grads) == len(want)
     for got, ref in zip(grads, want):
-        torch.testing.assert_close(got, ref.reshape(got.shape), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got.double(), ref.reshape(got.shape), rtol=tolerance, atol=tolerance)
         assert got.is_contiguous()
 
 
 def test_eager_calls_launch_directly_and_modes_get_the_registered_op(monkeypatch):
     """Plain eager calls skip the op's dispatcher (host time); a dispatch mode sees the op."""
     calls = []
-    for name in ("_triton_forward", "_triton_backward"):
+    for name in ("decomposed_conv3d_forward", "decomposed_conv3d_backward"):
         monkeypatch.setattr(dc, name, lambda *a, _f=getattr(dc, name), _n=name: calls.append(_n) or _f(*a))
     x, weights, b = make_inputs((1, 3, 4, 5, 6), (5, 3, 7), requires_grad=True)
     with torch.autograd.profiler.profile() as prof:
         decomposed_conv3d(x, *weights, b, backend="triton").sum().backward()
-    assert calls == ["_triton_forward", "_triton_backward"]
+    assert calls == ["decomposed_conv3d_forward", "decomposed_conv3d_backward"]
     assert not [e for e in prof.function_events if "dcformer_kernels::" in e.name]
     with FlopCounterMode(display=False) as counter:
         decomposed_conv3d(x, *weights, b, backend="triton").sum().backward()
     assert counter.get_flop_counts()["Global"][torch.ops.dcformer_kernels.decomposed_conv3d] > 0
-    assert calls[2:] == ["_triton_forward", "_triton_backward"]  # the ops' implementations
+    assert calls[2:] == ["decomposed_conv3d_forward", "decomposed_conv3d_backward"]  # the ops' implementations
 
 
 def test_flop_counter_counts_the_fused_op():
@@ -446,7 +451,7 @@ def test_layer_dense_groups_equals_three_conv3d(norm):
     (dict(kernel_size=(3, 3)), "kernel_size must be an int or a 3-tuple"),
     (dict(stride=3, groups=4), "stride of the fused depthwise form must be one of"),
     (dict(stride=0), "stride must be a positive int"),
-    (dict(norm="layer"), "norm must be one of"),
+    (dict(norm="layer"), "norm must be None or 'batch'"),
     (dict(groups=3), "must be divisible by groups"),
 ])
 def test_layer_bad_arguments(kwargs, pattern):
@@ -578,7 +583,7 @@ def test_gpu_matches_fp32_reference(dtype, tol, channels_last, stride):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_tensor_cores_against_direct_kernel_and_non_finite_inputs(dtype, monkeypatch):
+def test_gpu_tensor_cores_against_direct_kernel_and_non_finite_inputs(dtype):
     """bf16/fp16 NCDHW takes the tensor-core kernels on CUDA: same results as the direct stencil
     (fp32 accumulation both), and NaN/Inf where the reference puts them."""
     torch.manual_seed(12)
@@ -586,11 +591,10 @@ def test_gpu_tensor_cores_against_direct_kernel_and_non_finite_inputs(dtype, mon
     x[1, 7, 4, 30, 5] = float("inf")
     weights = [torch.randn(40, k, device="cuda", dtype=dtype) / k for k in (13, 11, 9)]
     grad = torch.randn_like(x)
-    assert dc._use_tensor_cores(x, 1)
+    assert dc.use_tensor_cores(x, 1)
     tc = [decomposed_conv3d(x, *weights), *torch.ops.dcformer_kernels.decomposed_conv3d_backward(grad, x, *weights, 1)]
-    monkeypatch.setattr(dc, "TENSOR_CORES", "never")
-    direct = [decomposed_conv3d(x, *weights),
-              *torch.ops.dcformer_kernels.decomposed_conv3d_backward(grad, x, *weights, 1)]
+    direct = [decomposed_conv3d(x, *weights, impl="direct"),
+              *torch.ops.dcformer_kernels.decomposed_conv3d_backward(grad, x, *weights, 1, "direct")]
     for a, b in zip(tc, direct):
         assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.isinf(a), torch.isinf(b))
         finite = torch.isfinite(b)
@@ -598,9 +602,8 @@ def test_gpu_tensor_cores_against_direct_kernel_and_non_finite_inputs(dtype, mon
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tensor_cores", ["auto", "never"])
-def test_gpu_over_2_31_elements_uses_64_bit_offsets(tensor_cores, monkeypatch):
-    monkeypatch.setattr(dc, "TENSOR_CORES", tensor_cores)  # both kernel families, 64-bit offsets
+@pytest.mark.parametrize("impl", ["auto", "direct"])  # both kernel families, 64-bit offsets
+def test_gpu_over_2_31_elements_uses_64_bit_offsets(impl):
     free, _ = torch.cuda.mem_get_info()
     if free < 24 * 2**30:
         pytest.skip("needs 24 GiB of free GPU memory")
@@ -608,9 +611,9 @@ def test_gpu_over_2_31_elements_uses_64_bit_offsets(tensor_cores, monkeypatch):
     shape = (2, 4, 512, 512, 1040)  # 2.18e9 elements > 2**31
     x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     weights = [torch.randn(4, k, device="cuda", dtype=torch.bfloat16) / k for k in (7, 5, 3)]
-    y = decomposed_conv3d(x, *weights)
+    y = decomposed_conv3d(x, *weights, impl=impl)
     grad = torch.randn_like(y)
-    dx = torch.ops.dcformer_kernels.decomposed_conv3d_backward(grad, x, *weights, 1)[0]
+    dx = torch.ops.dcformer_kernels.decomposed_conv3d_backward(grad, x, *weights, 1, impl)[0]
     # The last (sample, channel) pair lies past element 2**31; channels are independent.
     xs, gs = x[1:, 3:].float().requires_grad_(), grad[1:, 3:].float()
     ws = [w[3:].float() for w in weights]
