@@ -22,19 +22,20 @@ import torch.nn as nn
 
 from dcformer_kernels import DecomposedConv3d
 
-from .encoder import Encoder3D
+from ..encoder import Encoder3D, Resample
 from .layers import Mlp, to_channels_first, to_channels_last
-from .registry import register_model
+from ..registry import register_variants
 
 __all__ = ["DCFormer", "DCFormerConfig", "DCFORMER_VARIANTS", "load_official_dcformer"]
 
 
 @dataclass(frozen=True)
 class DCFormerConfig:
-    """Blocks per stage (stem first) and channels per stage; the defaults are DCFormer-nano."""
+    """Blocks per stage and channels per stage, stem first (the official code's ``blocks`` and
+    ``channels``); the defaults are DCFormer-nano."""
 
-    blocks: tuple[int, ...] = (1, 1, 1, 1, 1)
-    channels: tuple[int, ...] = (32, 32, 64, 128, 256)
+    depths: tuple[int, ...] = (1, 1, 1, 1, 1)
+    dims: tuple[int, ...] = (32, 32, 64, 128, 256)
     kernel_sizes: tuple[int, ...] = (13, 11, 9, 7)
     in_channels: int = 1
     stem_kernel_size: int = 7
@@ -43,6 +44,7 @@ class DCFormerConfig:
     layer_scale_init: float = 1e-6
     stem_act: str | None = None  # the released weights were trained without a stem activation
     backend: str = "auto"  # "torch" runs the unfused PyTorch path (for comparisons)
+    num_classes: int = 0  # > 0: a pooled linear classification head
 
 
 DCFORMER_VARIANTS = {
@@ -113,48 +115,41 @@ class DCFormerStage(nn.Module):
 
 
 class DCFormer(Encoder3D):
-    """DCFormer encoder: ``forward_features`` returns the five stage maps (stem first)."""
+    """DCFormer encoder: ``forward_intermediates`` returns the five stage maps (stem first)."""
 
     def __init__(self, config: DCFormerConfig | None = None, **overrides) -> None:
         super().__init__()
         cfg = self.resolve_config(config, DCFormerConfig, overrides)
-        if len(cfg.blocks) != 5 or len(cfg.channels) != 5 or len(cfg.kernel_sizes) != 4:
+        if len(cfg.depths) != 5 or len(cfg.dims) != 5 or len(cfg.kernel_sizes) != 4:
             raise ValueError(
-                f"DCFormer expects 5 blocks/channels entries (stem + 4 stages) and 4 kernel sizes; got "
-                f"blocks={cfg.blocks}, channels={cfg.channels}, kernel_sizes={cfg.kernel_sizes}")
-        if cfg.blocks[0] != 1:
+                f"DCFormer expects 5 depths/dims entries (stem + 4 stages) and 4 kernel sizes; got "
+                f"depths={cfg.depths}, dims={cfg.dims}, kernel_sizes={cfg.kernel_sizes}")
+        if cfg.depths[0] != 1:
             # The official code would repeat the whole stem (each copy downsampling by stem_stride);
             # no released variant does, and silently building one stem would be a different model.
-            raise ValueError(f"blocks[0] (stem repeats) must be 1; got blocks={cfg.blocks}")
+            raise ValueError(f"depths[0] (stem repeats) must be 1; got depths={cfg.depths}")
         self.config = cfg
         self.in_channels = cfg.in_channels
-        c = cfg.channels
+        c = cfg.dims
         stages = [Stem(cfg.in_channels, c[0], cfg.stem_kernel_size, cfg.stem_stride, cfg.stem_act, cfg.backend)]
         for i in range(4):
-            stages.append(DCFormerStage(c[i], c[i + 1], cfg.blocks[i + 1], cfg.kernel_sizes[i], cfg))
+            stages.append(DCFormerStage(c[i], c[i + 1], cfg.depths[i + 1], cfg.kernel_sizes[i], cfg))
         self.stages = nn.ModuleList(stages)
         self.feature_info = [
             {"num_chs": ch, "reduction": (cfg.stem_stride * 2**i,) * 3, "module": f"stages.{i}"}
             for i, ch in enumerate(c)
         ]
+        # The stem's strided unit pads k//2 and each stage's max-pool pads 1: every size rounds up.
+        self.resampling = [[Resample(cfg.stem_kernel_size, cfg.stem_stride, cfg.stem_kernel_size // 2)]] + \
+            [[Resample(3, 2, 1)]] * 4
+        self.init_head(cfg.num_classes)
 
     def forward_official_tokens(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The five stage outputs as the official code returns them: tokens (B, D'*H'*W', C)."""
-        return [f.flatten(2).transpose(1, 2) for f in self.forward_features(x)]
+        return [f.flatten(2).transpose(1, 2) for f in self.forward_intermediates(x)]
 
 
-def _factory(variant: str):
-    def build(**overrides) -> DCFormer:
-        return DCFormer(DCFORMER_VARIANTS[variant], **overrides)
-
-    build.__name__ = f"dcformer_{variant}"
-    build.__doc__ = f"DCFormer-{variant}: blocks {DCFORMER_VARIANTS[variant].blocks}, " \
-                    f"channels {DCFORMER_VARIANTS[variant].channels}."
-    return build
-
-
-for _variant in DCFORMER_VARIANTS:
-    register_model(f"dcformer_{_variant}")(_factory(_variant))
+register_variants("dcformer", DCFormer, DCFORMER_VARIANTS)
 
 
 # ------------------------------------------------------------------------------------------

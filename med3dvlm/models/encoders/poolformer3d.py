@@ -8,7 +8,7 @@ Reads top-down:
               x + DropPath(gamma2 * MLP(GN(x)))          GN = GroupNorm(1, C); MLP ratio 4
 
 The pooling token mixer subtracts its input because the block's residual already adds it back.
-There is no final norm: ``forward_features`` returns the 4 stage maps at reductions 4, 8, 16, 32.
+There is no final norm: ``forward_intermediates`` returns the 4 stage maps at reductions 4, 8, 16, 32.
 
 The variants match the parameter counts of the DCFormer paper's PoolFormer baselines (2.79M,
 11.31M, 20.68M, no projection head). The paper does not publish their widths and depths; nano and
@@ -19,16 +19,15 @@ naive keep the stage widths of the DCFormer variant of the same name, tiny uses 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .encoder import Encoder3D
-from .layers import (DropPath, LayerScale, Mlp, Stage, drop_path_rates, init_trunc_normal, to_channels_first,
+from ..encoder import Encoder3D, Resample
+from .layers import (DropPath, LayerScale, Mlp, build_stages, init_trunc_normal, to_channels_first,
                      to_channels_last)
-from .registry import register_model
+from ..registry import register_variants
 
 __all__ = ["PoolFormer3D", "PoolFormer3DConfig", "POOLFORMER3D_VARIANTS"]
 
@@ -44,6 +43,7 @@ class PoolFormer3DConfig:
     mlp_ratio: int = 4
     layer_scale_init: float = 1e-5
     drop_path_rate: float = 0.0
+    num_classes: int = 0  # > 0: a pooled linear classification head
 
 
 POOLFORMER3D_VARIANTS = {
@@ -95,7 +95,7 @@ class PoolFormerBlock(nn.Module):
 
 
 class PoolFormer3D(Encoder3D):
-    """PoolFormer3D encoder: ``forward_features`` returns the 4 stage maps."""
+    """PoolFormer3D encoder: ``forward_intermediates`` returns the 4 stage maps."""
 
     def __init__(self, config: PoolFormer3DConfig | None = None, **overrides) -> None:
         super().__init__()
@@ -105,20 +105,16 @@ class PoolFormer3D(Encoder3D):
         self.config = cfg
         self.in_channels = cfg.in_channels
         d = cfg.dims
-        rates = drop_path_rates(cfg.drop_path_rate, cfg.depths)
-        stages = []
-        for i in range(4):
-            if i == 0:
-                downsample = nn.Conv3d(cfg.in_channels, d[0], _STEM_KERNEL, _STEM_STRIDE, _STEM_PADDING)
-            else:
-                downsample = nn.Conv3d(d[i - 1], d[i], 3, stride=2, padding=1)
-            blocks = [PoolFormerBlock(d[i], cfg.pool_size, cfg.mlp_ratio, cfg.layer_scale_init, p) for p in rates[i]]
-            stages.append(Stage(downsample, blocks))
-        self.stages = nn.ModuleList(stages)
+        downsamples = [nn.Conv3d(cfg.in_channels, d[0], _STEM_KERNEL, _STEM_STRIDE, _STEM_PADDING)]
+        downsamples += [nn.Conv3d(d[i - 1], d[i], 3, stride=2, padding=1) for i in range(1, 4)]
+        self.stages = build_stages(
+            downsamples, lambda i, p: PoolFormerBlock(d[i], cfg.pool_size, cfg.mlp_ratio, cfg.layer_scale_init, p),
+            cfg.depths, cfg.drop_path_rate)
         self.feature_info = [{"num_chs": ch, "reduction": (_STEM_STRIDE * 2**i,) * 3, "module": f"stages.{i}"}
                              for i, ch in enumerate(d)]
+        self.resampling = [[Resample(_STEM_KERNEL, _STEM_STRIDE, _STEM_PADDING)]] + [[Resample(3, 2, 1)]] * 3
+        self.init_head(cfg.num_classes)
         self.apply(init_trunc_normal)
 
 
-for _variant, _config in POOLFORMER3D_VARIANTS.items():
-    register_model(f"poolformer3d_{_variant}")(partial(PoolFormer3D, _config))
+register_variants("poolformer3d", PoolFormer3D, POOLFORMER3D_VARIANTS)

@@ -6,12 +6,14 @@ Conventions: "map" means a channels-first volume (B, C, D, H, W); "tokens" means
 """
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["to_channels_last", "to_channels_first", "LayerNorm3d", "Mlp", "LayerScale", "DropPath",
-           "drop_path_rates", "Stage", "init_trunc_normal"]
+           "drop_path_rates", "Stage", "build_stages", "init_trunc_normal"]
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -106,6 +108,14 @@ class Stage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.downsample(x))
+
+
+def build_stages(downsamples: list[nn.Module], make_block: Callable[[int, float], nn.Module],
+                 depths: Sequence[int], drop_path_rate: float) -> nn.ModuleList:
+    """One ``Stage`` per downsampling layer, with ``depths[i]`` blocks ``make_block(i, drop_path)``
+    whose drop-path probabilities rise linearly over the whole network."""
+    rates = drop_path_rates(drop_path_rate, depths)
+    return nn.ModuleList(Stage(down, [make_block(i, p) for p in rates[i]]) for i, down in enumerate(downsamples))
 
 
 def init_trunc_normal(module: nn.Module) -> None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from med3dvlm.models.dca import (ChannelCrossAttention, DualCrossAttention, SpatialCrossAttention,
+from med3dvlm.models.seg.dca import (ChannelCrossAttention, DualCrossAttention, SpatialCrossAttention,
                                  resize_to)
 
 PAPER_CHANNELS = [32, 64, 128, 256]

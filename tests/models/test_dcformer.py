@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from med3dvlm.models import create_model, list_models, load_official_dcformer
-from med3dvlm.models.dcformer import DCFORMER_VARIANTS
+from med3dvlm.models.encoders.dcformer import DCFORMER_VARIANTS
 
-MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "reference" / "dcformer_official_state_dict_keys.json"
+MANIFEST = Path(__file__).resolve().parents[3] / "shared" / "reference" / "dcformer_official_state_dict_keys.json"
 
 SMALL = (4, 4, 8, 8, 8)  # narrow channels keep CPU tests fast
 OFFICIAL_PARAMS = {"nano": 789_216, "naive": 5_851_680, "tiny": 14_657_472, "small": 18_244_800,
@@ -32,17 +32,33 @@ def test_registry_lists_every_variant():
         create_model("dcformer_huge")
 
 
-def test_forward_features_shapes_and_feature_info():
+def test_forward_intermediates_shapes_and_feature_info():
     torch.manual_seed(0)
     model = create_model("dcformer_nano", backend="torch").eval()
     x = torch.randn(2, 1, 64, 96, 80)
-    features = model.forward_features(x)
+    features = model.forward_intermediates(x)
     expected = [(2, 32, 16, 24, 20), (2, 32, 8, 12, 10), (2, 64, 4, 6, 5), (2, 128, 2, 3, 3), (2, 256, 1, 2, 2)]
     assert [tuple(f.shape) for f in features] == expected
     assert [info["num_chs"] for info in model.feature_info] == [32, 32, 64, 128, 256]
     assert [info["reduction"][0] for info in model.feature_info] == [4, 8, 16, 32, 64]
-    assert torch.equal(model(x), features[-1])
+    assert model.feature_sizes((64, 96, 80)) == [tuple(s[2:]) for s in expected]
+    assert torch.equal(model.forward_features(x), features[-1])
+    assert torch.equal(model(x), features[-1].mean(dim=(2, 3, 4)))
     assert all(f.is_contiguous(memory_format=torch.channels_last_3d) for f in features[1:])
+
+
+@pytest.mark.parametrize(("size", "expected"), [
+    ((32, 64, 64), [(8, 16, 16), (4, 8, 8), (2, 4, 4), (1, 2, 2), (1, 1, 1)]),  # M3D's depth
+    ((33, 65, 47), [(9, 17, 12), (5, 9, 6), (3, 5, 3), (2, 3, 2), (1, 2, 1)]),
+    ((1, 2, 5), [(1, 1, 2), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 1, 1)]),
+])
+def test_volumes_smaller_than_the_downsampling_give_the_official_sizes(size, expected):
+    """The official strided convs and pools pad, so every stage rounds up, down to one voxel."""
+    model = create_model("dcformer_nano", backend="torch").eval()
+    assert model.feature_sizes(size) == expected
+    with torch.no_grad():
+        features = model.forward_intermediates(torch.randn(1, 1, *size))
+    assert [tuple(f.shape[2:]) for f in features] == expected
 
 
 def test_bad_input():
@@ -51,19 +67,17 @@ def test_bad_input():
         model(torch.randn(1, 3, 64, 64, 64))
     with pytest.raises(ValueError, match=r"expects x of shape \(B, C, D, H, W\)"):
         model(torch.randn(1, 64, 64, 64))
-    with pytest.raises(ValueError, match="smaller than that"):
-        model(torch.randn(1, 1, 32, 64, 64))
     with pytest.raises(ValueError, match="stem_act must be None or 'gelu'"):
         create_model("dcformer_nano", stem_act="relu")
-    with pytest.raises(ValueError, match=r"blocks\[0\] \(stem repeats\) must be 1; got blocks=\(3, 1, 1, 1, 1\)"):
-        create_model("dcformer_nano", blocks=(3, 1, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"depths\[0\] \(stem repeats\) must be 1; got depths=\(3, 1, 1, 1, 1\)"):
+        create_model("dcformer_nano", depths=(3, 1, 1, 1, 1))
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_meta_tensors_give_the_feature_shapes(mode):
     """Shape checks without memory or compute (e.g. for FLOP counts at full size)."""
     model = create_model("dcformer_nano").to("meta").train(mode == "train")
-    features = model.forward_features(torch.empty(1, 1, 64, 96, 128, device="meta"))
+    features = model.forward_intermediates(torch.empty(1, 1, 64, 96, 128, device="meta"))
     assert [tuple(f.shape) for f in features] == [(1, 32, 16, 24, 32), (1, 32, 8, 12, 16), (1, 64, 4, 6, 8),
                                                   (1, 128, 2, 3, 4), (1, 256, 1, 2, 2)]
 
@@ -72,8 +86,8 @@ def test_channels_last_and_contiguous_inputs_agree():
     torch.manual_seed(1)
     model = create_model("dcformer_nano", backend="torch").eval()
     x = torch.randn(1, 1, 64, 64, 72)
-    a = model(x)
-    b = model(x.contiguous(memory_format=torch.channels_last_3d))
+    a = model.forward_features(x)
+    b = model.forward_features(x.contiguous(memory_format=torch.channels_last_3d))
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -81,13 +95,13 @@ def test_gradient_checkpointing_gives_identical_results():
     """Outputs, gradients and the BatchNorm running statistics (the recompute in backward must not
     count the batch twice)."""
     torch.manual_seed(2)
-    plain = create_model("dcformer_nano", backend="torch", layer_scale_init=0.5, channels=SMALL).train()
+    plain = create_model("dcformer_nano", backend="torch", layer_scale_init=0.5, dims=SMALL).train()
     checkpointed = copy.deepcopy(plain)
     checkpointed.set_grad_checkpointing(True)
     x = torch.randn(2, 1, 64, 64, 64, requires_grad=True)
-    y0 = plain(x)
+    y0 = plain.forward_features(x)
     g0 = torch.autograd.grad(y0.square().sum(), [x, *plain.parameters()])
-    y1 = checkpointed(x)
+    y1 = checkpointed.forward_features(x)
     g1 = torch.autograd.grad(y1.square().sum(), [x, *checkpointed.parameters()])
     torch.testing.assert_close(y1, y0)
     for a, b in zip(g1, g0):
@@ -96,18 +110,20 @@ def test_gradient_checkpointing_gives_identical_results():
         torch.testing.assert_close(a, b, msg=name)
 
 
-def test_fused_kernels_run_inside_the_model():
-    """Eval mode: every depthwise unit is one fused Triton launch (interpreter on CPU)."""
+@pytest.mark.parametrize("size", [(64, 64, 68), (5, 3, 9)])
+def test_fused_kernels_run_inside_the_model(size):
+    """Eval mode: every depthwise unit is one fused Triton launch (interpreter on CPU), also on
+    a volume smaller than the downsampling (deep stages of one voxel)."""
     torch.manual_seed(3)
-    model = create_model("dcformer_nano", layer_scale_init=0.5, channels=SMALL)
+    model = create_model("dcformer_nano", layer_scale_init=0.5, dims=SMALL)
     _randomise_batchnorm(model)
     model.eval()
-    x = torch.randn(1, 1, 64, 64, 68)
-    fused = model(x)
+    x = torch.randn(1, 1, *size)
+    fused = model.forward_features(x)
     for module in model.modules():
         if hasattr(module, "backend"):
             module.backend = "torch"
-    torch.testing.assert_close(fused, model(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused, model.forward_features(x), rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- official weights
@@ -166,12 +182,17 @@ def _official_forward(sd: dict, x: torch.Tensor) -> list[torch.Tensor]:
     return [f.permute(0, 1, 4, 2, 3).flatten(2).transpose(1, 2) for f in features]
 
 
-@pytest.mark.parametrize("prefix", ["encoder.", "vision_encoder.encoder."])
-def test_official_weights_reproduce_the_official_computation(prefix):
+@pytest.mark.parametrize(("prefix", "size"), [
+    ("encoder.", (64, 96, 80)),  # D != H != W: an axis mix-up changes the result
+    ("vision_encoder.encoder.", (64, 96, 80)),
+    ("encoder.", (32, 64, 64)),  # M3D's 32 slices: smaller than the total downsampling
+    ("encoder.", (33, 65, 47)),  # odd sizes: every stride rounds up
+])
+def test_official_weights_reproduce_the_official_computation(prefix, size):
     sd = _random_official_state_dict("nano", prefix)
     sd["mm_projector.weight"] = torch.zeros(3)  # other modules of a full checkpoint are ignored
     model = load_official_dcformer(sd, "nano", backend="torch").eval()
-    x = torch.randn(1, 1, 64, 96, 80)  # D != H != W: an axis mix-up changes the result
+    x = torch.randn(1, 1, *size)
     got = model.forward_official_tokens(x)
     want = _official_forward({k[len(prefix) - len("encoder."):]: v for k, v in sd.items()
                               if k.startswith(prefix)}, x)

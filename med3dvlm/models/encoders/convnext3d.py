@@ -6,7 +6,7 @@ Reads top-down:
     stage i : LayerNorm -> Conv3d(k = s = 2) between stages, then blocks
     block   : x + DropPath(gamma * MLP(LN(DWConv 7^3(x))))   MLP = Linear(C, 4C) -> GELU -> Linear(4C, C)
 
-There is no final norm: ``forward_features`` returns the 4 stage maps at reductions 4, 8, 16, 32
+There is no final norm: ``forward_intermediates`` returns the 4 stage maps at reductions 4, 8, 16, 32
 (as timm's ConvNeXt, whose head holds the final LayerNorm).
 
 The variants match the parameter counts of the DCFormer paper's ConvNeXt baselines (3.19M, 15.63M,
@@ -17,15 +17,14 @@ widths of the DCFormer variant of the same name and chose depths that give the p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn as nn
 
-from .encoder import Encoder3D
-from .layers import (DropPath, LayerNorm3d, LayerScale, Mlp, Stage, drop_path_rates, init_trunc_normal,
+from ..encoder import Encoder3D, Resample
+from .layers import (DropPath, LayerNorm3d, LayerScale, Mlp, build_stages, init_trunc_normal,
                      to_channels_first, to_channels_last)
-from .registry import register_model
+from ..registry import register_variants
 
 __all__ = ["ConvNeXt3D", "ConvNeXt3DConfig", "CONVNEXT3D_VARIANTS"]
 
@@ -42,6 +41,7 @@ class ConvNeXt3DConfig:
     mlp_ratio: int = 4
     layer_scale_init: float = 1e-6
     drop_path_rate: float = 0.0
+    num_classes: int = 0  # > 0: a pooled linear classification head
 
 
 CONVNEXT3D_VARIANTS = {
@@ -69,7 +69,7 @@ class ConvNeXtBlock(nn.Module):
 
 
 class ConvNeXt3D(Encoder3D):
-    """ConvNeXt3D encoder: ``forward_features`` returns the 4 stage maps."""
+    """ConvNeXt3D encoder: ``forward_intermediates`` returns the 4 stage maps."""
 
     def __init__(self, config: ConvNeXt3DConfig | None = None, **overrides) -> None:
         super().__init__()
@@ -82,21 +82,18 @@ class ConvNeXt3D(Encoder3D):
         self.config = cfg
         self.in_channels = cfg.in_channels
         d = cfg.dims
-        rates = drop_path_rates(cfg.drop_path_rate, cfg.depths)
-        stages = []
-        for i in range(4):
-            if i == 0:
-                downsample = nn.Sequential(nn.Conv3d(cfg.in_channels, d[0], cfg.stem_patch, stride=cfg.stem_patch),
-                                           LayerNorm3d(d[0]))
-            else:
-                downsample = nn.Sequential(LayerNorm3d(d[i - 1]), nn.Conv3d(d[i - 1], d[i], 2, stride=2))
-            blocks = [ConvNeXtBlock(d[i], cfg.kernel_size, cfg.mlp_ratio, cfg.layer_scale_init, p) for p in rates[i]]
-            stages.append(Stage(downsample, blocks))
-        self.stages = nn.ModuleList(stages)
+        stem = nn.Sequential(nn.Conv3d(cfg.in_channels, d[0], cfg.stem_patch, stride=cfg.stem_patch), LayerNorm3d(d[0]))
+        downsamples = [stem] + [nn.Sequential(LayerNorm3d(d[i - 1]), nn.Conv3d(d[i - 1], d[i], 2, stride=2))
+                                for i in range(1, 4)]
+        self.stages = build_stages(
+            downsamples, lambda i, p: ConvNeXtBlock(d[i], cfg.kernel_size, cfg.mlp_ratio, cfg.layer_scale_init, p),
+            cfg.depths, cfg.drop_path_rate)
         self.feature_info = [{"num_chs": ch, "reduction": (cfg.stem_patch * 2**i,) * 3, "module": f"stages.{i}"}
                              for i, ch in enumerate(d)]
+        # Unpadded patchify convs: sizes round down, and each needs at least its kernel.
+        self.resampling = [[Resample(cfg.stem_patch, cfg.stem_patch)]] + [[Resample(2, 2)]] * 3
+        self.init_head(cfg.num_classes)
         self.apply(init_trunc_normal)
 
 
-for _variant, _config in CONVNEXT3D_VARIANTS.items():
-    register_model(f"convnext3d_{_variant}")(partial(ConvNeXt3D, _config))
+register_variants("convnext3d", ConvNeXt3D, CONVNEXT3D_VARIANTS)

@@ -4,29 +4,28 @@ on any registry encoder.
 - ``UNet``: a plain 2D/3D U-Net (double 3×3 conv + BN + ReLU per level, max-pool down, resize +
   conv up, concatenated skips); with ``dca=True`` its skips go through ``DualCrossAttention``.
   The default channels (32, 64, 128, 256, 512) are the official DCA U-Net at width factor 0.5.
-- ``EncoderUNet3D``: any ``Encoder3D`` (``forward_features`` + ``feature_info``) as the encoder,
+- ``EncoderUNet3D``: any ``Encoder3D`` (``forward_intermediates`` + ``feature_info``) as the encoder,
   the same decoder, DCA on the encoder's skips, and a full-resolution stem for the detail the
   encoder's strided stem discards.
 
 Registered: ``unet2d``, ``unet2d_dca``, ``unet3d``, ``unet3d_dca``, ``dcformer_unet3d``,
-``dcformer_unet3d_dca``. ``dca_cost`` measures what DCA adds (parameters, FLOPs).
+``dcformer_unet3d_dca``. What DCA adds (parameters, FLOPs) is counted by ``bench.models.counts.dca_cost``.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
 from .dca import DualCrossAttention, resize_to
-from .encoder import Encoder3D
-from .registry import create_model, register_model
+from .layers import BATCH_NORM, CONV, MAX_POOL
+from ..encoder import Encoder3D
+from ..registry import create_model, register_model
 
-__all__ = ["UNet", "EncoderUNet3D", "UNetDecoder", "ConvBlock", "DoubleConv", "UpBlock", "dca_cost"]
+__all__ = ["UNet", "EncoderUNet3D", "UNetDecoder", "ConvBlock", "DoubleConv", "UpBlock"]
 
-_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
-_BATCH_NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_MAX_POOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
 
 
 class ConvBlock(nn.Sequential):
@@ -34,8 +33,8 @@ class ConvBlock(nn.Sequential):
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
         super().__init__(
-            _CONV[spatial_dims](in_channels, out_channels, kernel_size=3, padding=1, bias=False),
-            _BATCH_NORM[spatial_dims](out_channels),
+            CONV[spatial_dims](in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            BATCH_NORM[spatial_dims](out_channels),
             nn.ReLU(inplace=True),
         )
 
@@ -120,7 +119,7 @@ class UNet(nn.Module):
             raise ValueError(f"channels needs at least 2 levels (skips + bottleneck); got {channels}")
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
         self.channels = channels
-        pool = _MAX_POOL[spatial_dims]
+        pool = MAX_POOL[spatial_dims]
         self.encoder = nn.ModuleList(
             [DoubleConv(spatial_dims, in_channels, channels[0])]
             + [nn.Sequential(pool(2), DoubleConv(spatial_dims, c_in, c_out))
@@ -128,7 +127,7 @@ class UNet(nn.Module):
         self.dca = _make_dca(spatial_dims, channels[:-1], dca, dca_token_grid, dca_blocks,
                              dca_max_attention_bytes)
         self.decoder = UNetDecoder(spatial_dims, channels[-1], channels[:-1])
-        self.head = _CONV[spatial_dims](channels[0], out_channels, kernel_size=1)
+        self.head = CONV[spatial_dims](channels[0], out_channels, kernel_size=1)
 
     def check_input(self, x: torch.Tensor) -> None:
         layout = "(B, C, H, W)" if self.spatial_dims == 2 else "(B, C, D, H, W)"
@@ -182,9 +181,9 @@ class EncoderUNet3D(nn.Module):
     ) -> None:
         super().__init__()
         info = getattr(encoder, "feature_info", None)
-        if not info or len(info) < 2 or not hasattr(encoder, "forward_features"):
+        if not info or len(info) < 2 or not hasattr(encoder, "forward_intermediates"):
             raise ValueError(
-                f"encoder must offer forward_features and a feature_info of at least 2 stages "
+                f"encoder must offer forward_intermediates and a feature_info of at least 2 stages "
                 f"(skips + bottleneck); got {type(encoder).__name__} with feature_info={info!r}")
         skip_channels = [f["num_chs"] for f in info[:-1]]
         self.encoder = encoder
@@ -195,9 +194,9 @@ class EncoderUNet3D(nn.Module):
         self.head = nn.Conv3d(stem_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.encoder.forward_features(x)
+        features = self.encoder.forward_intermediates(x)
         if len(features) != len(self.encoder.feature_info):
-            raise ValueError(f"encoder.forward_features returned {len(features)} maps; its "
+            raise ValueError(f"encoder.forward_intermediates returned {len(features)} maps; its "
                              f"feature_info lists {len(self.encoder.feature_info)} stages")
         skips = features[:-1]
         if self.dca is not None:
@@ -205,8 +204,12 @@ class EncoderUNet3D(nn.Module):
         return self.head(self.decoder(features[-1], [self.stem(x), *skips]))
 
 
+def _options(cls: type, *excluded: str) -> list[str]:
+    return [p for p in inspect.signature(cls).parameters if p not in excluded]
+
+
 def _register_unet(name: str, spatial_dims: int, dca: bool, in_channels: int, channels) -> None:
-    @register_model(name)
+    @register_model(name, accepts=_options(UNet))
     def factory(**overrides) -> UNet:
         config = dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=2,
                       channels=channels, dca=dca)
@@ -216,7 +219,8 @@ def _register_unet(name: str, spatial_dims: int, dca: bool, in_channels: int, ch
 
 
 def _register_encoder_unet(name: str, dca: bool) -> None:
-    @register_model(name)
+    @register_model(name, accepts=["encoder_name", "in_channels", "encoder_kwargs", "out_channels",
+                                   *_options(EncoderUNet3D, "encoder", "out_channels")])
     def factory(encoder_name: str = "dcformer_nano", in_channels: int | None = None,
                 encoder_kwargs: dict | None = None, out_channels: int = 2, **overrides) -> EncoderUNet3D:
         # The encoder is looked up when the model is built, so any encoder registered by then
@@ -236,29 +240,3 @@ for _dims, _in_channels, _channels in ((2, 3, (32, 64, 128, 256, 512)), (3, 1, (
     _register_unet(f"unet{_dims}d_dca", _dims, True, _in_channels, _channels)
 _register_encoder_unet("dcformer_unet3d", dca=False)
 _register_encoder_unet("dcformer_unet3d_dca", dca=True)
-
-
-def dca_cost(image_size: Sequence[int] = (224, 224), in_channels: int = 3, out_channels: int = 2,
-             channels: Sequence[int] = (32, 64, 128, 256, 512), **dca_kwargs) -> dict[str, int]:
-    """Parameters and forward FLOPs of ``UNet`` without and with DCA for one image of ``image_size``.
-
-    FLOPs from ``torch.utils.flop_counter.FlopCounterMode``: 2 per multiply-add, convolutions and
-    matrix products only (pooling, interpolation, norms and softmax are not counted). Counted
-    on the meta device, so nothing is computed; the attention is forced onto the math path so
-    that its matrix products are counted on every backend.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    result = {}
-    for suffix, dca in (("without_dca", False), ("with_dca", True)):
-        with torch.device("meta"):
-            model = UNet(len(image_size), in_channels, out_channels, channels, dca=dca, **dca_kwargs)
-            x = torch.empty(1, in_channels, *image_size)
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            model(x)
-        result[f"params_{suffix}"] = sum(p.numel() for p in model.parameters())
-        result[f"flops_{suffix}"] = counter.get_total_flops()
-    result["added_params"] = result["params_with_dca"] - result["params_without_dca"]
-    result["added_flops"] = result["flops_with_dca"] - result["flops_without_dca"]
-    return result

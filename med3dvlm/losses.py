@@ -1,7 +1,8 @@
-"""Segmentation loss (soft Dice + cross-entropy) and the hard Dice / IoU metrics, 2D and 3D.
+"""Losses: segmentation (soft Dice + cross-entropy, 2D and 3D) and, re-exported from
+``dcformer_kernels``, the fused SigLIP loss the dual encoder trains with.
 
-Dice of two masks A, B is 2|A∩B| / (|A| + |B|); IoU is |A∩B| / |A∪B|. The loss uses the soft
-form on softmax probabilities; the metrics use the hard form on label maps.
+Dice of two masks A, B is 2|A∩B| / (|A| + |B|); the loss uses its soft form on softmax
+probabilities (the hard form on label maps is ``med3dvlm.eval.metrics.dice_iou``).
 """
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["dice_ce_loss", "DiceCELoss", "dice_iou"]
+from dcformer_kernels import SigLIPLoss, siglip_loss
+
+__all__ = ["dice_ce_loss", "DiceCELoss", "SigLIPLoss", "siglip_loss", "check_labels"]
 
 
-def _check_labels(name: str, labels: torch.Tensor, shape: tuple, num_classes: int) -> None:
+def check_labels(name: str, labels: torch.Tensor, shape: tuple, num_classes: int) -> None:
+    """A ValueError naming ``name`` unless ``labels`` are integer classes in [0, num_classes) of ``shape``."""
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or tuple(labels.shape) != shape:
         raise ValueError(f"{name} must be integer class labels of shape {shape}; "
                          f"got {labels.dtype} of shape {tuple(labels.shape)}")
@@ -33,7 +37,7 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, include_background:
     if logits.dim() < 3:
         raise ValueError(f"logits must have shape (B, K, *spatial); got {tuple(logits.shape)}")
     num_classes = logits.shape[1]
-    _check_labels("target", target, (logits.shape[0], *logits.shape[2:]), num_classes)
+    check_labels("target", target, (logits.shape[0], *logits.shape[2:]), num_classes)
     ce = F.cross_entropy(logits, target)
     probs = logits.softmax(dim=1)
     onehot = F.one_hot(target, num_classes).movedim(-1, 1).to(probs.dtype)
@@ -56,25 +60,3 @@ class DiceCELoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return dice_ce_loss(logits, target, self.include_background, self.smooth,
                             self.dice_weight, self.ce_weight)
-
-
-@torch.no_grad()
-def dice_iou(prediction: torch.Tensor, target: torch.Tensor, num_classes: int,
-             include_background: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hard Dice and IoU per sample and class, each (B, K') with K' = K - 1 without background.
-
-    ``prediction`` and ``target`` are label maps (B, *spatial). A class absent from both scores 1.
-    """
-    _check_labels("target", target, tuple(target.shape), num_classes)
-    _check_labels("prediction", prediction, tuple(target.shape), num_classes)
-    first = 0 if include_background else 1
-    classes = torch.arange(first, num_classes, device=target.device)
-    pred = prediction.flatten(1).unsqueeze(1) == classes[:, None]  # (B, K', voxels)
-    true = target.flatten(1).unsqueeze(1) == classes[:, None]
-    intersection = (pred & true).sum(-1).double()
-    pred_size, true_size = pred.sum(-1).double(), true.sum(-1).double()
-    union = pred_size + true_size - intersection
-    empty = union == 0
-    dice = torch.where(empty, 1.0, 2 * intersection / (pred_size + true_size).clamp_min(1))
-    iou = torch.where(empty, 1.0, intersection / union.clamp_min(1))
-    return dice.float(), iou.float()

@@ -19,24 +19,16 @@ other than the one ``img_size`` gives is handled by trilinear interpolation of t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .encoder import Encoder3D
+from ..encoder import Encoder3D, Resample, as_triple
 from .layers import DropPath, Mlp, drop_path_rates, init_trunc_normal
-from .registry import register_model
+from ..registry import register_variants
 
 __all__ = ["ViT3D", "ViT3DConfig", "VIT3D_VARIANTS", "Attention"]
-
-
-def _triple(value, name: str) -> tuple[int, int, int]:
-    out = (value,) * 3 if isinstance(value, int) else tuple(value)
-    if len(out) != 3 or any(not isinstance(v, int) or v < 1 for v in out):
-        raise ValueError(f"{name} must be a positive int or 3 positive ints (D, H, W); got {value!r}")
-    return out
 
 
 @dataclass(frozen=True)
@@ -60,10 +52,11 @@ class ViT3DConfig:
     # (the 3D ViT of the vit-pytorch package); the DCFormer paper's ViT counts need it.
     embed_norm: bool = False
     drop_path_rate: float = 0.0
+    num_classes: int = 0  # > 0: a linear classification head on the mean patch token
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "img_size", _triple(self.img_size, "img_size"))
-        object.__setattr__(self, "patch_size", _triple(self.patch_size, "patch_size"))
+        object.__setattr__(self, "img_size", as_triple(self.img_size, "img_size", minimum=1))
+        object.__setattr__(self, "patch_size", as_triple(self.patch_size, "patch_size", minimum=1))
         if any(s % p for s, p in zip(self.img_size, self.patch_size)):
             raise ValueError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
         if self.depth < 4:
@@ -168,7 +161,7 @@ class ViTStage(nn.Module):
 
 
 class ViT3D(Encoder3D):
-    """3D ViT encoder: ``forward_features`` returns 4 maps (B, dim, D/pd, H/ph, W/pw)."""
+    """3D ViT encoder: ``forward_intermediates`` returns 4 maps (B, dim, D/pd, H/ph, W/pw)."""
 
     def __init__(self, config: ViT3DConfig | None = None, **overrides) -> None:
         super().__init__()
@@ -188,6 +181,8 @@ class ViT3D(Encoder3D):
         )
         self.feature_info = [{"num_chs": cfg.dim, "reduction": cfg.patch_size, "module": f"stages.{i}"}
                              for i in range(4)]
+        self.resampling = [[Resample(cfg.patch_size, cfg.patch_size)], [], [], []]
+        self.init_head(cfg.num_classes)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -222,15 +217,11 @@ class ViT3D(Encoder3D):
         patches = tokens[:, 1:] if self.cls_token is not None else tokens
         return patches.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
 
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self.check_input(x)
+    def run_stages(self, x: torch.Tensor, last: int):
         tokens, grid = self.embed(x)
-        features = []
-        for stage in self.stages:
+        for stage in self.stages[: last + 1]:
             tokens = self.run_stage(stage, tokens)
-            features.append(self.tokens_to_map(tokens, grid))
-        return features
+            yield self.tokens_to_map(tokens, grid)
 
 
-for _variant, _config in VIT3D_VARIANTS.items():
-    register_model(f"vit3d_{_variant}")(partial(ViT3D, _config))
+register_variants("vit3d", ViT3D, VIT3D_VARIANTS)

@@ -30,13 +30,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers import ADAPTIVE_AVG_POOL, BATCH_NORM, CONV, LINEAR_MODE
+
 __all__ = ["DualCrossAttention", "DCABlock", "ChannelCrossAttention", "SpatialCrossAttention",
            "PerChannelAffine", "resize_to"]
 
-_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
-_BATCH_NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_ADAPTIVE_AVG_POOL = {2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
-_LINEAR_MODE = {2: "bilinear", 3: "trilinear"}
 
 
 def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -44,7 +42,7 @@ def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     size = tuple(size)
     if tuple(x.shape[2:]) == size:
         return x
-    return F.interpolate(x, size=size, mode=_LINEAR_MODE[x.dim() - 2], align_corners=True)
+    return F.interpolate(x, size=size, mode=LINEAR_MODE[x.dim() - 2], align_corners=True)
 
 
 class PerChannelAffine(nn.Module):
@@ -210,7 +208,7 @@ class DualCrossAttention(nn.Module):
         self.token_proj = nn.ModuleList(PerChannelAffine(c) for c in in_channels)
         self.blocks = nn.ModuleList(
             DCABlock(in_channels, channel_heads, spatial_heads) for _ in range(n_blocks))
-        conv, batch_norm = _CONV[spatial_dims], _BATCH_NORM[spatial_dims]
+        conv, batch_norm = CONV[spatial_dims], BATCH_NORM[spatial_dims]
         self.out_proj = nn.ModuleList(conv(c, c, kernel_size=1) for c in in_channels)
         self.out_norm = nn.ModuleList(nn.Sequential(batch_norm(c), nn.ReLU()) for c in in_channels)
 
@@ -273,7 +271,7 @@ class DualCrossAttention(nn.Module):
 
     def forward(self, skips: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         grid = self.check_skips(skips)
-        pool = _ADAPTIVE_AVG_POOL[self.spatial_dims]
+        pool = ADAPTIVE_AVG_POOL[self.spatial_dims]
         tokens = [proj(pool(skip, grid).flatten(2).transpose(1, 2))
                   for proj, skip in zip(self.token_proj, skips)]
         for block in self.blocks:
