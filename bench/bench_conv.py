@@ -3,12 +3,12 @@
 GPU: DCFormer's stage shapes at batch 2 and 8, bf16 and fp32; forward, backward and both for
   fused (Triton) | three nn.Conv3d + adds, NCDHW (a) | the same in channels_last_3d (b) |
   one dense k^3 depthwise Conv3d (c, forward only) | torch.compile of the reference (d),
-  with torch.clone(x) as the bandwidth yardstick. GB/s counts the floor bytes (see conv_notes.md).
+  with torch.clone(x) as the bandwidth yardstick. GB/s counts the floor bytes (see docs/conv_notes.md).
   Forward+backward of the fused op and of (a), (b) also replayed from CUDA graphs (no host time
   per call: what torch.compile(mode="reduce-overhead") or a captured training step gives).
 CPU: the CPU path (backend="torch") against three nn.Conv3d + adds at small sizes.
 
-    python -m bench.bench_conv [--out bench/results] [--quick] [--stages 1 3] [--dtypes bfloat16] [--budget-s S]
+    python -m bench.bench_conv [--out DIR] [--quick] [--stages 1 3] [--dtypes bfloat16] [--budget-s S]
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from dcformer_kernels import decomposed_conv3d, decomposed_conv3d_reference
 
 from . import common
-from .common import Row, environment, markdown_pivot, peak_memory_bytes, read_csv, time_fn, write_csv
+from .common import (DEFAULT_OUT, Row, ceiling_flag, environment, join_flags, markdown_pivot, peak_memory_bytes,
+                     read_csv, spread_flag, time_fn, timing_from_samples, write_csv)
 
 # (C, D, H, W, k): DCFormer stages at input 256x512x512 (D x H x W) after the stride-4 stem.
 GPU_SHAPES = [(96, 32, 64, 64, 13), (192, 16, 32, 32, 11), (384, 8, 16, 16, 9), (768, 4, 8, 8, 7)]
@@ -116,32 +117,28 @@ def _run(out_dir, quick, stages, dtypes, batches, budget_s, compile_only) -> Pat
                 elt = torch.finfo(dtype).bits // 8
                 numel = batch * c * d * h * w
                 x0 = torch.randn(batch, c, d, h, w, device=device, dtype=dtype)
-                copy = time_fn(lambda: torch.clone(x0))
-                copy_gbs = 2 * numel * elt / copy.median_ms / 1e6
-                rows.append(Row("decomposed_conv3d", "clone", name, dt, "torch", "GB/s", round(copy_gbs, 1), "GB/s",
-                                env=env))
-                both: dict[str, float] = {}  # forward+backward median per variant
+                # The bandwidth yardstick, torch.clone, is timed before every variant and after the last:
+                # the fastest of these is the ceiling, so one clone slowed by other processes cannot
+                # make the variants look faster than a copy.
+                clones = []
+                timed = []  # (variant, mode, tensors of x's size moved, Timing)
+                both: dict[str, common.Timing] = {}  # forward+backward timing per variant
                 steps: dict[str, object] = {}  # forward+backward callables per variant
                 for variant, (fn, fmt, params) in _variants(c, k, dtype, device, gpu).items():
                     if variant == "compiled_reference" and (batch != 2 or dtype != torch.bfloat16 or k != 13):
                         continue  # one inductor compile (the k=13 stage) keeps the run short
                     if variant == "dense_k3_depthwise" and batch != 2:
                         continue
+                    clones.append(time_fn(lambda: torch.clone(x0)))
                     # a fresh tensor per variant: a forward-only variant's must not change the next one's
                     x = x0.clone(memory_format=fmt).requires_grad_(params is not None)
                     try:
                         modes = _modes(fn, x, params)
                         for mode, (call, tensors) in modes.items():
                             t = time_fn(call, min_reps=7)
-                            gbs = tensors * numel * elt / t.median_ms / 1e6
-                            labels = dict(model="decomposed_conv3d", variant=variant, input=name, dtype=dt, env=env)
-                            rows.append(Row(backend=mode, metric="time", value=round(t.median_ms, 4), unit="ms",
-                                            p20=round(t.p20_ms, 4), p80=round(t.p80_ms, 4), **labels))
-                            rows.append(Row(backend=mode, metric="GB/s", value=round(gbs, 1), unit="GB/s", **labels))
-                            rows.append(Row(backend=mode, metric="%copy", value=round(100 * gbs / copy_gbs, 1),
-                                            unit="%", **labels))
+                            timed.append((variant, mode, tensors, t))
                             if mode == "forward+backward":
-                                both[variant] = t.median_ms
+                                both[variant] = t
                                 steps[variant] = call
                         mem = peak_memory_bytes(modes["forward+backward"][0]) if params is not None else None
                         if mem is not None:
@@ -150,6 +147,8 @@ def _run(out_dir, quick, stages, dtypes, batches, budget_s, compile_only) -> Pat
                     except torch.OutOfMemoryError:
                         rows.append(Row("decomposed_conv3d", variant, name, dt, "forward", "time", "OOM", "", env=env))
                         torch.cuda.empty_cache()
+                clones.append(time_fn(lambda: torch.clone(x0)))
+                rows += _bandwidth_rows(timed, clones, numel * elt, name, dt, env)
                 if gpu and not compile_only:
                     rows += _graphed_rows(steps, name, dt, env)
                 if not compile_only:  # after every case: a cut-off run still leaves its numbers
@@ -167,6 +166,24 @@ def _run(out_dir, quick, stages, dtypes, batches, budget_s, compile_only) -> Pat
                 if not compile_only:
                     _write_report(rows, out_dir, gpu)
     return out_dir / f"{'conv_gpu' if gpu else 'conv_cpu'}.csv"
+
+
+def _bandwidth_rows(timed: list, clones: list, tensor_bytes: int, name: str, dt: str, env: dict) -> list[Row]:
+    """The clone ceiling (the fastest of ``clones``), then time, GB/s and % of the ceiling of each
+    timed (variant, mode): flagged when the timing is noisy or its bandwidth beats the ceiling."""
+    ceiling = max(2 * tensor_bytes / t.median_ms / 1e6 for t in clones)
+    rows = [Row("decomposed_conv3d", "clone", name, dt, "torch", "GB/s", round(ceiling, 1), "GB/s",
+                flag=spread_flag(min(clones, key=lambda t: t.median_ms)), env=env)]
+    for variant, mode, tensors, t in timed:
+        gbs = tensors * tensor_bytes / t.median_ms / 1e6
+        noisy = spread_flag(t)
+        bandwidth_flag = join_flags(noisy, ceiling_flag(gbs, ceiling))
+        labels = dict(model="decomposed_conv3d", variant=variant, input=name, dtype=dt, backend=mode, env=env)
+        rows += [Row(metric="time", value=round(t.median_ms, 4), unit="ms", p20=round(t.p20_ms, 4),
+                     p80=round(t.p80_ms, 4), flag=noisy, **labels),
+                 Row(metric="GB/s", value=round(gbs, 1), unit="GB/s", flag=bandwidth_flag, **labels),
+                 Row(metric="%copy", value=round(100 * gbs / ceiling, 1), unit="%", flag=bandwidth_flag, **labels)]
+    return rows
 
 
 GRAPHED = " (CUDA graph)"
@@ -203,29 +220,32 @@ def _graphed_rows(steps: dict, name: str, dt: str, env: dict) -> list[Row]:
                             f"capture failed: {err}"[:200], "", env=env))
             continue
         rows.append(Row("decomposed_conv3d", variant, name, dt, "forward+backward" + GRAPHED, "time",
-                        round(t.median_ms, 4), "ms", p20=round(t.p20_ms, 4), p80=round(t.p80_ms, 4), env=env))
-    graphed = {r.variant: r.value for r in rows if isinstance(r.value, float)}
+                        round(t.median_ms, 4), "ms", p20=round(t.p20_ms, 4), p80=round(t.p80_ms, 4),
+                        flag=spread_flag(t), env=env))
+    graphed = {r.variant: r for r in rows if isinstance(r.value, float)}
     fused = [graphed[v] for v in ("fused_ncdhw", "fused_cl") if v in graphed]
     unfused = [graphed[v] for v in ("three_conv3d_ncdhw", "three_conv3d_cl") if v in graphed]
     if fused and unfused:
+        best_fused, best_unfused = (min(found, key=lambda r: r.value) for found in (fused, unfused))
         rows.append(Row("decomposed_conv3d", "fused vs best of three_conv3d" + GRAPHED, name, dt,
-                        "forward+backward" + GRAPHED, "speedup", round(min(unfused) / min(fused), 2), "x", env=env))
+                        "forward+backward" + GRAPHED, "speedup", round(best_unfused.value / best_fused.value, 2), "x",
+                        flag=join_flags(*(f"{r.variant}: {r.flag.removeprefix('unreliable: ')}"
+                                          for r in (best_fused, best_unfused) if r.flag)), env=env))
     return rows
 
 
-def _interleaved_ratio(baseline, candidate, rounds: int = 15) -> float:
+def _interleaved_ratio(baseline, candidate, rounds: int = 15) -> tuple[float, str]:
     """Median time of ``baseline`` over that of ``candidate``, timed alternately so that drift in a
-    shared CPU's speed hits both alike (back-to-back medians differed by up to 2x on a 2-core VM)."""
-    import statistics
-    import time
-
+    shared CPU's speed hits both alike (back-to-back medians differed by up to 2x on a 2-core VM),
+    and the flag of the noisier of the two."""
     times = {0: [], 1: []}
     for r in range(rounds):
         for i in ((0, 1) if r % 2 else (1, 0)):
             start = time.perf_counter()
             (baseline, candidate)[i]()
-            times[i].append(time.perf_counter() - start)
-    return statistics.median(times[0]) / statistics.median(times[1])
+            times[i].append((time.perf_counter() - start) * 1e3)
+    base, cand = timing_from_samples(times[0]), timing_from_samples(times[1])
+    return base.median_ms / cand.median_ms, join_flags(spread_flag(base, "baseline"), spread_flag(cand, "candidate"))
 
 
 def _speedups(both: dict, steps: dict, name: str, dt: str, env: dict) -> list[Row]:
@@ -235,13 +255,16 @@ def _speedups(both: dict, steps: dict, name: str, dt: str, env: dict) -> list[Ro
     unfused = [both[v] for v in ("three_conv3d_ncdhw", "three_conv3d_cl") if v in both]
     fused = [both[v] for v in ("fused_ncdhw", "fused_cl") if v in both]
     if fused and unfused:
-        pairs["fused vs best of three_conv3d"] = min(unfused) / min(fused)
+        best_fused, best_unfused = (min(found, key=lambda t: t.median_ms) for found in (fused, unfused))
+        pairs["fused vs best of three_conv3d"] = (best_unfused.median_ms / best_fused.median_ms,
+                                                  join_flags(spread_flag(best_fused, "fused"),
+                                                             spread_flag(best_unfused, "three_conv3d")))
     for fmt in ("ncdhw", "cl"):
         if f"cpu_path_{fmt}" in steps and f"three_conv3d_{fmt}" in steps:
             pairs[f"cpu_path vs three_conv3d ({fmt})"] = _interleaved_ratio(steps[f"three_conv3d_{fmt}"],
                                                                              steps[f"cpu_path_{fmt}"])
-    return [Row("decomposed_conv3d", k, name, dt, "forward+backward", "speedup", round(v, 2), "x", env=env)
-            for k, v in pairs.items()]
+    return [Row("decomposed_conv3d", k, name, dt, "forward+backward", "speedup", round(v, 2), "x", flag=flag, env=env)
+            for k, (v, flag) in pairs.items()]
 
 
 def _batchnorm_training(x0, k, name, dt, env) -> list[Row]:
@@ -259,16 +282,17 @@ def _batchnorm_training(x0, k, name, dt, env) -> list[Row]:
         # leaves them out of the graph (zero gradient), the unfused one gives them exact zeros.
         step = lambda: torch.autograd.grad(layer(x), [x, *layer.parameters()], g, allow_unused=True)  # noqa: E731
         t = time_fn(step)
-        times[backend] = t.median_ms
+        times[backend] = t
         variant = "bn_train_fused" if backend == "auto" else "bn_train_unfused"
         rows.append(Row("decomposed_conv3d_bn", variant, name, dt, "forward+backward", "time", round(t.median_ms, 4),
-                        "ms", round(t.p20_ms, 4), round(t.p80_ms, 4), env=env))
+                        "ms", round(t.p20_ms, 4), round(t.p80_ms, 4), flag=spread_flag(t), env=env))
         mem = peak_memory_bytes(step)
         if mem is not None:
             rows.append(Row("decomposed_conv3d_bn", variant, name, dt, "forward+backward", "peak_memory",
                             round(mem / 2**20, 1), "MiB", env=env))
     rows.append(Row("decomposed_conv3d_bn", "fused vs unfused (training, BN)", name, dt, "forward+backward",
-                    "speedup", round(times["torch"] / times["auto"], 2), "x", env=env))
+                    "speedup", round(times["torch"].median_ms / times["auto"].median_ms, 2), "x",
+                    flag=join_flags(*(spread_flag(t, f"backend={b}") for b, t in times.items())), env=env))
     return rows
 
 
@@ -277,10 +301,13 @@ def _write_report(rows: list[Row], out_dir: Path, gpu: bool) -> None:
     stem = "conv_gpu" if gpu else "conv_cpu"
     csv_path = write_csv(rows, out_dir / f"{stem}.csv")
     table = read_csv(csv_path)
+    # In these CSVs `variant` holds the implementation and `backend` the pass timed.
+    passes = {"backend": "pass"}
     md = [markdown_pivot([r for r in table if r["metric"] == "time"], ["input", "dtype", "backend"], "variant",
-                         "Decomposed depthwise conv: median time (ms)"),
+                         "Decomposed depthwise conv: median time per call", passes),
           markdown_pivot([r for r in table if r["metric"] in ("%copy",) and r["backend"] == "forward"],
-                         ["input", "dtype"], "variant", "Forward bandwidth, % of measured torch.clone bandwidth"),
+                         ["input", "dtype"], "variant",
+                         "Forward bandwidth (floor bytes), as % of the fastest torch.clone of the same tensor"),
           markdown_pivot([r for r in table if r["metric"] == "speedup"], ["input", "dtype"], "variant",
                          "Forward+backward speed-up (CPU: our CPU path vs the same convs on the same layout)"),
     ]
@@ -293,7 +320,9 @@ def _write_report(rows: list[Row], out_dir: Path, gpu: bool) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="results folder (default %(default)s, ignored by git; bench/results holds the "
+                             "committed ones)")
     parser.add_argument("--quick", action="store_true", help="batch 2 only")
     parser.add_argument("--stages", type=int, nargs="+", choices=range(1, 5), metavar="{1,2,3,4}",
                         help="DCFormer stages to run (default: all)")

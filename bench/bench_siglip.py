@@ -12,7 +12,7 @@ GPU (bf16 by default): B in {1k, 4k, 16k, 32k, 64k} x d in {256, 768, 1152}; thr
 CPU: the chunked PyTorch path (variant "fused", backend torch: its backward is the stripes
   algorithm) against the dense reference at small sizes, labelled CPU.
 
-    python -m bench.bench_siglip [--out bench/results] [--quick] [--budget-s 120] [--batches ..] [--dims ..]
+    python -m bench.bench_siglip [--out DIR] [--quick] [--budget-s 120] [--batches ..] [--dims ..]
 
 Writes siglip.csv (long format, bench/common.py), then siglip.md made from the CSV.
 """
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from dcformer_kernels import siglip_loss
 
-from .common import Row, compile_only, environment, markdown_pivot, peak_memory_bytes, read_csv, time_fn, write_csv
+from .common import (DEFAULT_OUT, Row, compile_only, environment, markdown_pivot, peak_memory_bytes, read_csv,
+                     time_fn, write_csv)
 
 GPU_BATCHES = (1024, 4096, 16384, 32768, 65536)
 GPU_QUICK_BATCHES = (1024, 4096, 16384)
@@ -113,7 +114,7 @@ def bench_one(impl, fn, batch, dim, dtype, device, ceiling, env) -> list[Row]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="fused SigLIP loss vs the dense PyTorch form")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--quick", action="store_true", help="GPU: B <= 16k and d in {256, 768}")
     parser.add_argument("--budget-s", type=float, default=120.0,
                         help="start no new size after this many seconds; the rest is recorded as skipped")

@@ -16,8 +16,14 @@ from typing import Callable, Iterable
 
 import torch
 
-CSV_FIELDS = ["model", "variant", "input", "dtype", "backend", "metric", "value", "unit", "p20", "p80",
-              "device", "torch", "triton", "cuda", "date"]
+ENV_FIELDS = ["device", "torch", "triton", "cuda", "date"]
+# flag: empty, or "unreliable: <why>" for a figure that cannot be trusted as a result (see reliability below)
+CSV_FIELDS = ["model", "variant", "input", "dtype", "backend", "metric", "value", "unit", "p20", "p80", "flag",
+              *ENV_FIELDS]
+
+# Where a run writes unless told otherwise: an ignored folder, so that a user's `make bench` never
+# overwrites the committed results under bench/results/ (refreshed on purpose: --out bench/results).
+DEFAULT_OUT = Path("bench/results/local")
 
 
 def _on_cuda(cuda: bool | None) -> bool:
@@ -55,6 +61,7 @@ class Row:
     unit: str
     p20: float | str = ""
     p80: float | str = ""
+    flag: str = ""
     env: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -68,6 +75,40 @@ class Timing:
     median_ms: float
     p20_ms: float
     p80_ms: float
+
+    @property
+    def spread(self) -> float:
+        """p80 / p20: 1 for calls that all took the same time (NaN in compile-only mode)."""
+        return self.p80_ms / self.p20_ms if self.p20_ms > 0 else math.nan
+
+
+# Reliability. A shared CPU (other processes, OpenMP threads of two processes waiting on each
+# other) slows some calls and not others: a timing whose p80 is more than MAX_SPREAD times its p20
+# is repeated (time_fn), and flagged if it stays so. (The committed 2-core results: at most 1.42.)
+MAX_SPREAD = 1.5
+
+
+def spread_flag(timing: Timing, what: str = "") -> str:
+    """"unreliable: ..." when ``timing``'s p80/p20 exceeds MAX_SPREAD, else ""; ``what`` names the
+    timing where a row combines several."""
+    if timing.spread > MAX_SPREAD:
+        return f"unreliable: {what + ' ' if what else ''}spread p80/p20 = {timing.spread:.2f} (above {MAX_SPREAD})"
+    return ""
+
+
+def ceiling_flag(bandwidth_gbs: float, ceiling_gbs: float, ceiling: str = "torch.clone") -> str:
+    """"unreliable: ..." for a bandwidth above the measured ceiling (a copy moves the fewest bytes
+    any op can: beating it means the ceiling's or this timing was disturbed), else ""."""
+    if bandwidth_gbs > ceiling_gbs:
+        return (f"unreliable: {bandwidth_gbs:.4g} GB/s is {100 * bandwidth_gbs / ceiling_gbs:.0f} % of the "
+                f"measured {ceiling} ceiling ({ceiling_gbs:.4g} GB/s)")
+    return ""
+
+
+def join_flags(*flags: str) -> str:
+    """One flag from several: "unreliable: a; b"."""
+    reasons = [f.removeprefix("unreliable: ") for f in flags if f]
+    return "unreliable: " + "; ".join(dict.fromkeys(reasons)) if reasons else ""
 
 
 _COMPILE_ONLY = False
@@ -87,16 +128,28 @@ def compile_only(enabled: bool = True):
 
 
 def time_fn(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 3,
-            cuda: bool | None = None) -> Timing:
+            cuda: bool | None = None, attempts: int = 3) -> Timing:
     """Median (p20, p80) wall time of ``fn`` in ms: CUDA events via do_bench on GPU, perf_counter on CPU
     (``cuda``: which; None = CUDA wherever a device exists).
 
     On CPU at least ``min_reps`` timed calls after one warm-up call (5 or more give real p20/p80;
-    with fewer, p20 and p80 are the fastest and the slowest call).
+    with fewer, p20 and p80 are the fastest and the slowest call). A timing whose spread exceeds
+    MAX_SPREAD is taken again, up to ``attempts`` times in all; the steadiest one is returned
+    (``spread_flag`` says whether it is still too noisy to report).
     """
     if _COMPILE_ONLY:
         fn()
         return Timing(math.nan, math.nan, math.nan)
+    best = _time_once(fn, warmup_ms, rep_ms, min_reps, cuda)
+    for _ in range(attempts - 1):
+        if not best.spread > MAX_SPREAD:
+            break
+        again = _time_once(fn, warmup_ms, rep_ms, min_reps, cuda)
+        best = min(best, again, key=lambda t: t.spread)
+    return best
+
+
+def _time_once(fn, warmup_ms, rep_ms, min_reps, cuda) -> Timing:
     if _on_cuda(cuda):
         import triton.testing
 
@@ -120,10 +173,15 @@ def time_fn(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    if len(samples) >= 5:
-        q = statistics.quantiles(samples, n=5)
-        return Timing(statistics.median(samples), q[0], q[3])
-    return Timing(statistics.median(samples), min(samples), max(samples))
+    return timing_from_samples(samples)
+
+
+def timing_from_samples(samples_ms: list[float]) -> Timing:
+    """Median, p20 and p80 of wall times (with fewer than 5, p20 and p80 are the fastest and the slowest)."""
+    if len(samples_ms) >= 5:
+        q = statistics.quantiles(samples_ms, n=5)
+        return Timing(statistics.median(samples_ms), q[0], q[3])
+    return Timing(statistics.median(samples_ms), min(samples_ms), max(samples_ms))
 
 
 def peak_memory_bytes(fn: Callable[[], object]) -> int | None:
@@ -212,16 +270,40 @@ def _fmt(value: str) -> str:
     return f"{v:.4g}"
 
 
-def markdown_pivot(rows: list[dict], index: list[str], column: str, title: str) -> str:
-    """A Markdown table from long-format rows: one line per ``index`` tuple, one column per ``column`` value."""
+def markdown_pivot(rows: list[dict], index: list[str], column: str, title: str,
+                   headers: dict[str, str] | None = None) -> str:
+    """A Markdown table from long-format rows: one line per ``index`` tuple, one column per ``column`` value.
+
+    Units are stated once: under the title when the table has one unit, else in each column's
+    header (cells keep a unit only where a column mixes them). A flagged row's cell says
+    "(unreliable)" and the reasons follow the table. ``headers`` renames index columns
+    (e.g. {"backend": "pass"}), so each header says what the column holds.
+    """
+    headers = headers or {}
     columns = list(dict.fromkeys(r[column] for r in rows))
+    units = {c: {r["unit"] for r in rows if r[column] == c} for c in columns}
+    all_units = set().union(*units.values()) if units else set()
+    one_unit = len(all_units) == 1
     table: dict[tuple, dict] = {}
+    flagged = []
     for r in rows:
-        cell = _fmt(r["value"]) + (f" {r['unit']}" if r["unit"] not in ("", "x") else ("x" if r["unit"] == "x" else ""))
-        table.setdefault(tuple(r[k] for k in index), {})[r[column]] = cell
-    return markdown_table(title, index + columns,
-                          [list(key) + [cells.get(c, "") for c in columns] for key, cells in table.items()],
-                          rows[0] if rows else {})
+        key = tuple(r[k] for k in index)
+        cell = _fmt(r["value"])
+        if not one_unit and len(units[r[column]]) > 1 and r["unit"]:
+            cell += f" {r['unit']}"
+        if r.get("flag"):
+            cell += " (unreliable)"
+            flagged.append(f"- {', '.join(key)}, {r[column]}: {r['flag'].removeprefix('unreliable: ')}")
+        table.setdefault(key, {})[r[column]] = cell
+    header = [headers.get(k, k) for k in index] + [
+        f"{c} ({next(iter(units[c]))})" if not one_unit and len(units[c]) == 1 and next(iter(units[c])) else c
+        for c in columns]
+    text = markdown_table(title, header, [list(key) + [cells.get(c, "") for c in columns]
+                                          for key, cells in table.items()],
+                          rows[0] if rows else {}, unit=next(iter(all_units)) if one_unit else None)
+    if flagged:
+        text += "\nUnreliable (not a result; the CSV's `flag` column):\n\n" + "\n".join(flagged) + "\n"
+    return text
 
 
 def environment_line(env: dict) -> str:
@@ -229,11 +311,15 @@ def environment_line(env: dict) -> str:
             f"CUDA {env.get('cuda', '?')}; {env.get('date', '?')}")
 
 
-def markdown_table(title: str, header: list[str], lines: list[list[str]], env: dict | None = None) -> str:
-    """A titled Markdown table; ``env`` (a row or ``environment()``) adds the device line under the title."""
+def markdown_table(title: str, header: list[str], lines: list[list[str]], env: dict | None = None,
+                   unit: str | None = None) -> str:
+    """A titled Markdown table; ``env`` (a row or ``environment()``) adds the device line under the
+    title, ``unit`` a line saying what unit every value is in."""
     out = [f"### {title}", ""]
     if env is not None:
         out += [environment_line(env), ""]
+    if unit:
+        out += [f"Unit of every value: {'x (a ratio)' if unit == 'x' else unit}.", ""]
     out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
     return "\n".join(out) + "\n"

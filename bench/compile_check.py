@@ -15,6 +15,7 @@ from unittest import mock
 
 import torch
 
+import dcformer_kernels.conv_common as conv_common
 import dcformer_kernels.decomposed_conv as dc
 import dcformer_kernels.decomposed_conv_bn as dcbn
 import dcformer_kernels.siglip as sg
@@ -41,20 +42,22 @@ def _conv_launches():
         bias = torch.empty(shape[1], dtype=dtype, device="meta")
         names = ("_decomposed_conv3d_fwd_kernel", "_decomposed_conv3d_tc_fwd_kernel", "_decomposed_conv3d_bwd_kernel",
                  "_decomposed_conv3d_tc_dweight_kernel", "_weight_grads_kernel")
-        with capture_launches(dc, *names) as launches, \
-                mock.patch.object(dc, "TENSOR_CORES", "always" if tensor_cores else "never"):
-            y = dc._triton_forward(x, *ws, bias, stride)
-            dc._triton_backward(torch.empty_like(y), x, *ws, stride)
+        impl = "tensor_cores" if tensor_cores else "direct"
+        with capture_launches(dc, *names[:-1]) as launches, capture_launches(conv_common, names[-1]) as sums:
+            y = dc.decomposed_conv3d_forward(x, *ws, bias, stride, impl)
+            dc.decomposed_conv3d_backward(torch.empty_like(y), x, *ws, stride, impl)
+        launches += sums
         yield f"conv {dtype} {'cl' if channels_last else 'ncdhw'} stride {stride}", launches
         if stride == 1 and x.numel() < 2**31 and not tensor_cores:
             gamma = torch.empty(3, shape[1], dtype=dtype, device="meta")
             names = ("_bn_stats_kernel", "_bn_fold_kernel", "_bn_grad_sums_kernel", "_bn_coef_kernel",
                      "_bn_table_kernel", "_bn_dx_kernel")
             with capture_launches(dcbn, *names) as launches, \
-                    capture_launches(dc, "_weight_grads_kernel", "_decomposed_conv3d_fwd_kernel") as sums:
-                _, mean, _, std = dcbn._triton_bn_forward(x, *ws, gamma, gamma, 1e-5)
-                dcbn._triton_bn_backward(torch.empty_like(x), x, *ws, gamma, mean, std)
-            yield f"fused BN {dtype} {'cl' if channels_last else 'ncdhw'}", launches + sums
+                    capture_launches(conv_common, "_weight_grads_kernel") as sums, \
+                    capture_launches(dc, "_decomposed_conv3d_fwd_kernel") as conv:
+                _, mean, _, std = dcbn.decomposed_conv3d_bn_forward(x, *ws, gamma, gamma, 1e-5)
+                dcbn.decomposed_conv3d_bn_backward(torch.empty_like(x), x, *ws, gamma, mean, std)
+            yield f"fused BN {dtype} {'cl' if channels_last else 'ncdhw'}", launches + sums + conv
 
 
 def _siglip_launches():
@@ -66,11 +69,11 @@ def _siglip_launches():
         names = ("_siglip_fwd_kernel", "_siglip_grad_kernel", "_siglip_stripe_grad_kernel")
         with mock.patch.object(torch.cuda, "get_device_properties", lambda *a: props), \
                 capture_launches(sg, *names) as launches:
-            sg._triton_block_forward(x, torch.empty_like(x), scalar, scalar, groups, groups, 0, 0, 1.0)
-            sg._triton_block_forward(x, torch.empty_like(x), scalar, scalar, None, None, 0, 0, 1.0)
-            sg._triton_block_backward(scalar, x, torch.empty_like(x), scalar, scalar, None, None, 0, 0, 1.0)
-            sg._stripes_block_backward(scalar, x, torch.empty_like(x), scalar, scalar, groups, groups, 0, 0, 1.0,
-                                       stripe_grad=sg._triton_stripe_grad)
+            sg.triton_block_forward(x, torch.empty_like(x), scalar, scalar, groups, groups, 0, 0, 1.0)
+            sg.triton_block_forward(x, torch.empty_like(x), scalar, scalar, None, None, 0, 0, 1.0)
+            sg.triton_block_backward(scalar, x, torch.empty_like(x), scalar, scalar, None, None, 0, 0, 1.0)
+            sg.stripes_block_backward(scalar, x, torch.empty_like(x), scalar, scalar, groups, groups, 0, 0, 1.0,
+                                       stripe_grad=sg.triton_stripe_grad)
         yield f"siglip {dtype} d={dim}", launches
 
 

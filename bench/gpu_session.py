@@ -49,8 +49,8 @@ def _compile_jobs(work: Path, benchmarks, models) -> list[Job]:
     # The files holding GPU-marked tests (the others may import packages a GPU image lacks). -v
     # names each result as it comes, so a run cut short still says which test failed.
     tests = [PY, "-m", "pytest", "-v", "-rfE", "--tb=short", "--durations=8", "-m", "gpu", "-p", "no:cacheprovider",
-             "-o", "timeout=0", "tests/test_decomposed_conv.py", "tests/test_decomposed_conv_bn.py",
-             "tests/test_siglip.py"]
+             "-o", "timeout=0", "tests/kernels/test_decomposed_conv.py", "tests/kernels/test_decomposed_conv_bn.py",
+             "tests/kernels/test_siglip.py"]
     if importlib.util.find_spec("xdist") is not None:
         tests[3:3] = ["-n", "6"]
     jobs = [Job("tests", tests)]

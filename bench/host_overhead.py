@@ -4,7 +4,7 @@
 
 At DCFormer's small stages a call's GPU work takes a few microseconds, so what the host does per
 call (argument checks, autograd, allocations, launch bookkeeping, small torch ops) decides the
-time (bench/conv_notes.md, "Measured"). This measures that host work on any machine: the kernels
+time (docs/conv_notes.md, "Measured"). This measures that host work on any machine: the kernels
 are replaced by no-ops, the tensors are tiny CPU tensors, and ``backend="triton"`` is forced, so
 every line of the Triton path's Python runs except the launches themselves. CPU timings of this
 machine's CPU; a GPU host adds its own launch costs (a few us per torch op or Triton launch). On a
@@ -19,6 +19,7 @@ from unittest import mock
 
 import torch
 
+import dcformer_kernels.conv_common as conv_common
 import dcformer_kernels.decomposed_conv as dc
 import dcformer_kernels.decomposed_conv_bn as dcbn
 import dcformer_kernels.layers as layers
@@ -75,7 +76,8 @@ def _cases(device: str) -> dict:
 def measure() -> dict[str, float]:
     """Per-call host time on this CPU with every launch stubbed out (any machine)."""
     triton_backend = lambda backend, device: "triton"  # noqa: E731
-    with _stubbed(dc), _stubbed(dcbn), mock.patch.object(dc, "resolve_backend", triton_backend), \
+    with _stubbed(dc), _stubbed(dcbn), _stubbed(conv_common), \
+            mock.patch.object(dc, "resolve_backend", triton_backend), \
             mock.patch.object(layers, "resolve_backend", triton_backend):
         return {name: _per_call_us(fn) for name, fn in _cases("cpu").items()}
 

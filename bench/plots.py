@@ -4,7 +4,7 @@
 - ``<stem>_memory.png``: peak memory of the training step per encoder and path;
 - ``<stem>_speedup.png``: DCFormer fused against unfused (only when the CSV holds such pairs).
 
-    python -m bench.plots bench/results/models_cpu.csv
+    python -m bench.plots bench/results/local/models_cpu.csv
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .common import read_csv  # noqa: E402
 
-__all__ = ["write_plots"]
+__all__ = ["write_plots", "place_labels", "legend_entries"]
 
 FAMILY_COLOURS = {"dcformer": "tab:red", "vit3d": "tab:blue", "convnext3d": "tab:green", "poolformer3d": "tab:purple"}
 PATH_MARKERS = {"fused": "o", "unfused": "X", "pytorch": "s"}
@@ -56,27 +56,86 @@ def plot_throughput(rows: list[dict], path: Path) -> Path:
     data = _training(rows, "throughput")
     params = _params(rows)
     dtypes = list(dict.fromkeys(r["dtype"] for r in data)) or ["float32"]
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(6.5 * len(dtypes), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(7.5 * len(dtypes), 5.6), squeeze=False)
+    shown = []  # the rows drawn, for the legend
+    points_per_panel = []
     for ax, dtype in zip(axes[0], dtypes):
+        points = []
         for r in (r for r in data if r["dtype"] == dtype and r["model"] in params):
             x, y = params[r["model"]] / 1e6, float(r["value"])
-            ax.scatter(x, y, color=_colour(r["model"]), marker=PATH_MARKERS.get(r["backend"], "o"), s=60,
-                       edgecolor="black", linewidth=0.5, zorder=3)
+            unreliable = bool(r.get("flag"))
+            ax.scatter(x, y, marker=PATH_MARKERS.get(r["backend"], "o"), s=60, zorder=3, linewidth=1.2,
+                       color="white" if unreliable else _colour(r["model"]),
+                       edgecolor=_colour(r["model"]) if unreliable else "black")
             low, high = _float(r["p20"]), _float(r["p80"])
             if low is not None and high is not None:
                 ax.vlines(x, low, high, color=_colour(r["model"]), linewidth=1)
             label = _short(r["model"]) + (f" ({r['backend']})" if r["backend"] in ("fused", "unfused") else "")
-            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            points.append((x, y, label))
+            shown.append(r)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.margins(x=0.25, y=0.15)  # room for the labels of the outermost points
         ax.set_xlabel("parameters (M)")
         ax.set_ylabel("training throughput (volumes/s)")
         inputs = ", ".join(dict.fromkeys(r["input"] for r in data if r["dtype"] == dtype))
         ax.set_title(f"{dtype}, input {inputs}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-    _legend(fig)
+        points_per_panel.append(points)
+    _legend(fig, shown)
     fig.suptitle(f"Training step (fwd + bwd + AdamW) — {rows[0]['device'] if rows else ''}", fontsize=9)
-    return _save(fig, path)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    for ax, points in zip(axes[0], points_per_panel):  # after the layout: in the figure's final pixels
+        place_labels(ax, points)
+    return _save(fig, path, layout=False)
+
+
+# Candidate label positions around a point, in points: right, left, above, below, then further out.
+_LABEL_OFFSETS = [(5, 2, "left"), (-5, 2, "right"), (5, -10, "left"), (-5, -10, "right"), (0, 7, "center"),
+                  (0, -15, "center"), (8, 12, "left"), (-8, 12, "right"), (8, -20, "left"), (-8, -20, "right"),
+                  (0, 18, "center"), (0, -26, "center")]
+
+
+def place_labels(ax, points: list[tuple[float, float, str]], fontsize: float = 7) -> list:
+    """Label each (x, y) point with its text where the label covers no other label and no marker,
+    trying the positions of _LABEL_OFFSETS in turn (else the least covered one). Call after the
+    figure's layout and axis limits are final. Returns the annotations."""
+    fig = ax.figure
+    ax.set_xlim(ax.get_xlim())  # freeze the limits: later drawing must not move the points
+    ax.set_ylim(ax.get_ylim())
+    renderer = fig.canvas.get_renderer()
+    to_pixels = ax.transData.transform
+    marker = 5.0 * fig.dpi / 72  # half the side of a 60-point² marker, in pixels
+    occupied = [(px - marker, py - marker, px + marker, py + marker)
+                for px, py in (to_pixels((x, y)) for x, y, _ in points)]
+    axes_box = ax.get_window_extent(renderer)
+
+    def covered(box) -> float:
+        area = sum(max(0.0, min(box.x1, b[2]) - max(box.x0, b[0])) * max(0.0, min(box.y1, b[3]) - max(box.y0, b[1]))
+                   for b in occupied)
+        outside = box.width * box.height - max(0.0, min(box.x1, axes_box.x1) - max(box.x0, axes_box.x0)) * max(
+            0.0, min(box.y1, axes_box.y1) - max(box.y0, axes_box.y0))
+        return area + outside
+
+    labels = []
+    for (x, y, text), own in zip(points, list(occupied)):
+        occupied.remove(own)  # a label may touch its own marker
+        best = None
+        for dx, dy, ha in _LABEL_OFFSETS:
+            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize, ha=ha)
+            box = label.get_window_extent(renderer)
+            cost = covered(box)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, label, box)
+            else:
+                label.remove()
+            if cost == 0:
+                break
+        occupied += [own, (best[2].x0, best[2].y0, best[2].x1, best[2].y1)]
+        labels.append(best[1])
+    return labels
 
 
 def plot_memory(rows: list[dict], path: Path) -> Path:
@@ -122,15 +181,29 @@ def plot_speedup(rows: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def _legend(fig) -> None:
-    handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=f) for f, c in FAMILY_COLOURS.items()]
-    handles += [plt.Line2D([], [], color="gray", marker=m, linestyle="", label=p) for p, m in PATH_MARKERS.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
-    fig.subplots_adjust(bottom=0.2)
+def legend_entries(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """(label, colour, marker) for the families and paths among ``rows`` only, and for the hollow
+    marker of an unreliable figure if one is drawn."""
+    families = {r["model"].split("_")[0] for r in rows}
+    paths = {r["backend"] for r in rows}
+    entries = [(f, c, "o") for f, c in FAMILY_COLOURS.items() if f in families]
+    entries += [(p, "gray", m) for p, m in PATH_MARKERS.items() if p in paths]
+    if any(r.get("flag") for r in rows):
+        entries.append(("unreliable (hollow; see the .md)", "white", "o"))
+    return entries
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+def _legend(fig, rows: list[dict]) -> None:
+    handles = [plt.Line2D([], [], color=colour, marker=marker, linestyle="", label=label,
+                          markeredgecolor="black" if colour == "white" else colour)
+               for label, colour, marker in legend_entries(rows)]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
+
+
+def _save(fig, path: Path, layout: bool = True) -> Path:
+    if layout:
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

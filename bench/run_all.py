@@ -15,6 +15,8 @@ import argparse
 import time
 from pathlib import Path
 
+from .common import DEFAULT_OUT
+
 DEFAULT_BUDGET_S = {"gpu": 90.0, "cpu": 600.0}
 
 
@@ -22,7 +24,9 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="run on CUDA at paper sizes")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="results folder (default %(default)s, ignored by git); `--out bench/results` refreshes "
+                             "the committed results")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="no new measurement starts after this many seconds of the whole run; the report is "
                              f"still written (default {DEFAULT_BUDGET_S['gpu']:.0f} with --gpu, "

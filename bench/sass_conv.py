@@ -1,6 +1,6 @@
 """Static SASS analysis of the decomposed-conv kernels for an H100 (sm_90), on any machine.
 
-    python -m bench.sass_conv [--out bench/results] [--tile BC,DT,RH,RW,WARPS] [--sweep]
+    python -m bench.sass_conv [--out DIR] [--tile BC,DT,RH,RW,WARPS] [--sweep]
 
 Compiles every kernel launch of the fused op (forward, backward) and of the fused training-mode
 BatchNorm (stats, grad sums, dx) for DCFormer's stage shapes, exactly as a launch on an H100 would
@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from unittest import mock
 
 import torch
 
+import dcformer_kernels.conv_common as conv_common
 import dcformer_kernels.decomposed_conv as dc
 import dcformer_kernels.decomposed_conv_bn as dcbn
 
 from .bench_conv import GPU_SHAPES
-from .common import Row, environment, markdown_table, write_csv
+from .common import DEFAULT_OUT, Row, environment, markdown_table, write_csv
 from .sass import capture_launches, compile_launch, programs_per_sm, resources, sass_counts, summarize
 
 SMS, ISSUE_PER_CLOCK, CLOCK_HZ, COPY_BYTES_PER_S = 132, 4, 1.755e9, 2.65e12
@@ -50,7 +50,7 @@ KERNELS = {  # kernel -> (module, floor bytes per element in units of the elemen
 }
 
 
-def _launches(c, d, h, w, k, dtype, layout, bn=True):
+def _launches(c, d, h, w, k, dtype, layout, bn=True, tiles=None):
     """The kernel launches of the fused op (and of the fused training-mode BN), recorded on meta tensors."""
     x = torch.empty(2, c, d, h, w, dtype=dtype, device="meta")
     if layout == "cl":
@@ -61,32 +61,29 @@ def _launches(c, d, h, w, k, dtype, layout, bn=True):
     bn_launches = []
     # (the partial-sum reductions, the BN tables and coefficients: small, not modelled)
     with capture_launches(dc, *[n for n, (m, _) in KERNELS.items() if m is dc]) as conv, \
-            capture_launches(dc, "_weight_grads_kernel"):
-        dc._triton_forward(x, *ws, None, 1)
+            capture_launches(conv_common, "_weight_grads_kernel"):
+        dc.decomposed_conv3d_forward(x, *ws, None, 1, "direct", tiles)
         if min(d, h, w) >= dc.TC_CUBE:  # the tensor-core forward too (on CUDA: bf16/fp16 NCDHW)
-            with mock.patch.object(dc, "TENSOR_CORES", "always"):
-                dc._triton_forward(x, *ws, None, 1)
-        dc._triton_backward(g, x, *ws, 1)
+            dc.decomposed_conv3d_forward(x, *ws, None, 1, "tensor_cores")
+        dc.decomposed_conv3d_backward(g, x, *ws, 1, "direct", tiles)
         if min(d, h, w) >= dc.TC_CUBE:
-            with mock.patch.object(dc, "TENSOR_CORES", "always"):
-                dc._triton_backward(g, x, *ws, 1)
+            dc.decomposed_conv3d_backward(g, x, *ws, 1, "tensor_cores")
             tc_dx = [i for i, la in enumerate(conv) if la.kernel.fn.__name__ == "_decomposed_conv3d_tc_fwd_kernel"]
             del conv[tc_dx[-1]]  # the backward's dx launch: the forward kernel again, on g
     if bn:  # the fused BN unit's forward ends with the conv forward above: not counted twice
         with capture_launches(dcbn, *[n for n, (m, _) in KERNELS.items() if m is dcbn]) as bn_launches, \
-                capture_launches(dc, *[n for n, (m, _) in KERNELS.items() if m is dc], "_weight_grads_kernel"), \
+                capture_launches(dc, *[n for n, (m, _) in KERNELS.items() if m is dc]), \
+                capture_launches(conv_common, "_weight_grads_kernel"), \
                 capture_launches(dcbn, "_bn_table_kernel", "_bn_fold_kernel", "_bn_coef_kernel"):
-            _, mean, _, std = dcbn._triton_bn_forward(x, *ws, gamma, gamma, 1e-5)
-            dcbn._triton_bn_backward(g, x, *ws, gamma, mean, std)
+            _, mean, _, std = dcbn.decomposed_conv3d_bn_forward(x, *ws, gamma, gamma, 1e-5, "direct", tiles)
+            dcbn.decomposed_conv3d_bn_backward(g, x, *ws, gamma, mean, std, tiles)
     return conv + bn_launches, x
 
 
 def analyse(shape, dtype, layout, cfg=None, bn=True):
-    """Model numbers for every kernel launched at this shape; ``cfg`` (a _TileConfig) overrides the tiles."""
+    """Model numbers for every kernel launched at this shape; ``cfg`` (a TileConfig) overrides the tiles."""
     c, d, h, w, k = shape
-    tile_fn = (lambda *a, **kw: cfg) if cfg else dc._tile_config
-    with mock.patch.object(dc, "_tile_config", tile_fn), mock.patch.object(dcbn, "_tile_config", tile_fn):
-        launches, x = _launches(c, d, h, w, k, dtype, layout, bn)
+    launches, x = _launches(c, d, h, w, k, dtype, layout, bn, cfg)
     out = []
     for launch in launches:
         name = launch.kernel.fn.__name__
@@ -128,7 +125,7 @@ SWEEP = {  # (block_c, d_tile, rows_h, cols_w, num_warps) candidates per layout;
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--tile", help="BC,DT,RH,RW,WARPS: analyse this tile instead of _tile_config's")
     parser.add_argument("--sweep", action="store_true", help="rank SWEEP's tiles by the model (stage 1 and 3)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -139,7 +136,7 @@ def main(argv=None):
             for layout, cands in SWEEP.items():
                 ranked = []
                 for t in cands:
-                    cfg = dc._TileConfig(*t)
+                    cfg = conv_common.TileConfig(*t)
                     rows = analyse(shape, dtype, layout, cfg, bn=False)
                     fwd, bwd = [r for r in rows if not r["kernel"].startswith("decomposed_conv3d_tc")][:2]
                     ranked.append((fwd["issue_us"] + bwd["issue_us"], fwd, bwd, cfg))
@@ -150,7 +147,7 @@ def main(argv=None):
                         f"{name} {r['issue_us']:.1f} us ({r['registers']} regs, {r['warps_per_sm']} warps)"
                         for name, r in (("fwd", fwd), ("bwd", bwd))))
         return
-    cfg = dc._TileConfig(*map(int, args.tile.split(","))) if args.tile else None
+    cfg = conv_common.TileConfig(*map(int, args.tile.split(","))) if args.tile else None
     env = environment()
     env["device"] = "model of an H100 SXM (sm_90 SASS compiled here; no GPU ran)"
     rows, lines = [], []

@@ -27,7 +27,7 @@ from unittest import mock
 import torch
 
 import dcformer_kernels.siglip as sg
-from dcformer_kernels._dispatch import cdiv, next_power_of_2
+from dcformer_kernels.dispatch import cdiv, next_power_of_2
 
 from .sass import capture_launches, compile_launch, programs_per_sm, resources, sass_counts, summarize
 
@@ -69,7 +69,7 @@ def forward_tiles(candidate: Candidate | None, sms: int = SMS):
     if candidate is None:
         yield
         return
-    base = sg._tile_config
+    base = sg.tile_config
 
     def tiles(n_rows, n_cols, dim, dtype, device, backward):
         cfg = base(n_rows, n_cols, dim, dtype, device, backward)
@@ -77,12 +77,12 @@ def forward_tiles(candidate: Candidate | None, sms: int = SMS):
             return cfg
         c = candidate
         splits = (cdiv(cdiv(n_cols, c.cols), c.tiles_per_program) if c.tiles_per_program
-                  else sg._forward_splits(n_rows, n_cols, c.rows, c.cols, 2 * sms))
+                  else sg.forward_splits(n_rows, n_cols, c.rows, c.cols, 2 * sms))
         return dataclasses.replace(cfg, block_rows=c.rows, block_cols=c.cols,
                                    block_d=min(c.feats, max(16, next_power_of_2(dim))), splits=splits,
                                    num_warps=c.warps, num_stages=c.stages, max_registers=c.max_registers)
 
-    with mock.patch.object(sg, "_tile_config", tiles):
+    with mock.patch.object(sg, "tile_config", tiles):
         yield
 
 
@@ -92,7 +92,7 @@ def forward_launch(batch: int, dim: int, dtype=torch.bfloat16, candidate: Candid
     props = type("Props", (), {"multi_processor_count": SMS})
     with mock.patch.object(torch.cuda, "get_device_properties", lambda *a: props), forward_tiles(candidate), \
             capture_launches(sg, "_siglip_fwd_kernel") as launches:
-        sg._triton_block_forward(x, torch.empty_like(x), scalar, scalar, None, None, 0, 0, 1.0)
+        sg.triton_block_forward(x, torch.empty_like(x), scalar, scalar, None, None, 0, 0, 1.0)
     return launches[0]
 
 

@@ -11,24 +11,24 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 
 import dcformer_kernels.decomposed_conv as dc
+from dcformer_kernels.conv_common import TileConfig
 
 from .bench_conv import GPU_SHAPES
-from .common import Row, compile_only, environment, time_fn, write_csv
+from .common import DEFAULT_OUT, Row, compile_only, environment, time_fn, write_csv
 from .sass_conv import SWEEP
 
 # The same candidates the static SASS model ranks (bench/sass_conv.py); every one is a fresh compile.
-CANDIDATES = {fmt: [dc._TileConfig(*t) for t in tiles] for fmt, tiles in SWEEP.items()}
+CANDIDATES = {fmt: [TileConfig(*t) for t in tiles] for fmt, tiles in SWEEP.items()}
 SHAPES = [s for s in GPU_SHAPES if s[-1] in (13, 9)]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--stages", type=int, nargs="+", choices=(1, 3), help="DCFormer stages (default: 1 3)")
     parser.add_argument("--formats", nargs="+", choices=tuple(CANDIDATES), help="memory formats (default: both)")
     parser.add_argument("--budget-s", type=float, help="start no new shape/format after this many seconds")
@@ -62,14 +62,12 @@ def _sweep(shapes, formats, budget_s=None) -> list[Row]:
             copy_ms = time_fn(lambda: torch.clone(x), 10, 40).median_ms
             results = []
             name = f"2x{c}x{d}x{h}x{w} k={k} {fmt}"
-            variants = [(str(cfg), cfg, "never") for cfg in candidates]  # the direct kernel's tiles
-            if dc._use_tensor_cores(x, 1):
+            variants = [(str(cfg), cfg, "direct") for cfg in candidates]  # the direct kernel's tiles
+            if dc.use_tensor_cores(x, 1):
                 variants.append(("tensor cores", None, "auto"))
-            for label, cfg, tensor_cores in variants:
-                tiles = (lambda *a, cfg=cfg, **kw: cfg) if cfg else dc._tile_config
-                with mock.patch.object(dc, "_tile_config", tiles), mock.patch.object(dc, "TENSOR_CORES", tensor_cores):
-                    fwd = time_fn(lambda: dc._triton_forward(x, *ws, None, 1), 10, 40).median_ms
-                    bwd = time_fn(lambda: dc._triton_backward(g, x, *ws, 1), 10, 40).median_ms
+            for label, cfg, impl in variants:
+                fwd = time_fn(lambda: dc.decomposed_conv3d_forward(x, *ws, None, 1, impl, cfg), 10, 40).median_ms
+                bwd = time_fn(lambda: dc.decomposed_conv3d_backward(g, x, *ws, 1, impl, cfg), 10, 40).median_ms
                 results.append((fwd, bwd, label))
                 for mode, ms in (("forward", fwd), ("backward", bwd)):
                     rows.append(Row("decomposed_conv3d", label, name, "bfloat16", mode, "time", round(ms, 4),

@@ -19,9 +19,10 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 import dcformer_kernels.siglip as sg
+from dcformer_kernels.dispatch import compute_dtype
 
 from .bench_siglip import matmul_tflops
-from .common import Row, compile_only, environment, time_fn, write_csv
+from .common import DEFAULT_OUT, Row, compile_only, environment, time_fn, write_csv
 from .sass_siglip import SWEEP, forward_tiles
 
 SHAPES = ((16384, 768), (32768, 768), (65536, 768), (32768, 256))
@@ -29,7 +30,7 @@ SHAPES = ((16384, 768), (32768, 768), (65536, 768), (32768, 256))
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--budget-s", type=float, help="start no new shape after this many seconds")
     parser.add_argument("--shard", default="0/1", help="K/N: only the candidates whose index is K mod N (a GPU "
                         "session compiles the shards in parallel processes)")
@@ -72,12 +73,12 @@ def _sweep(shapes, budget_s, ceiling=True, device="cuda", dtype=torch.bfloat16, 
         y = torch.randn(batch, dim, device=device, dtype=dtype, generator=gen)
         scale = torch.tensor(2.3, device=device)
         bias = torch.tensor(-10.0, device=device)
-        stripe = sg._stripes(batch, batch, x.device)[0][1]
+        stripe = sg.stripe_bounds(batch, batch, x.device)[0][1]
         flops = {"forward": 2 * batch * batch * dim, "stripe G": 2 * stripe * batch * dim}
         calls = {
-            "forward": lambda: sg._triton_block_forward(x, y, scale, bias, None, None, 0, 0, 1.0 / batch),
-            "stripe G": lambda: sg._triton_stripe_grad(x[:stripe], y, scale, bias, None, None, 0, stripe, 0, 0,
-                                                       sg._compute_dtype(dtype)),
+            "forward": lambda: sg.triton_block_forward(x, y, scale, bias, None, None, 0, 0, 1.0 / batch),
+            "stripe G": lambda: sg.triton_stripe_grad(x[:stripe], y, scale, bias, None, None, 0, stripe, 0, 0,
+                                                       compute_dtype(dtype)),
         }
         best = {}
         for cand in candidates:

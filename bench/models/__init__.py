@@ -25,14 +25,20 @@ from typing import Callable
 
 import torch
 
-from ..common import Row, environment, write_csv
+from ..common import DEFAULT_OUT, Row, environment, join_flags, write_csv
 from .counts import flop_counter_flops, fvcore_macs, head_counts, parameter_count
 from .measure import Job, input_label, run_job
 from .report import write_report
 from .specs import (CPU_EXCLUDED, CPU_INPUT, GPU_INPUT, PAPER_INPUT, PAPER_TABLE, PROJECTION_DIM,
                     REFERENCE_FLOP_COUNTER, SUITE, Encoder, PaperEntry)
 
-__all__ = ["run", "select_encoders", "speedup_rows"]
+__all__ = ["run", "select_encoders", "speedup_rows", "order_flags"]
+
+# Within a family, a model with at least ORDER_FLOPS_RATIO times another's FLOPs per volume that
+# is timed more than ORDER_MARGIN times faster than it (same input, dtype, path and pass) is not a
+# result: on a shared CPU, DCFormer-small once came out faster than nano. Both rows are flagged.
+ORDER_FLOPS_RATIO = 1.5
+ORDER_MARGIN = 1.1
 
 
 def select_encoders(patterns: list[str] | None, gpu: bool) -> list[Encoder]:
@@ -102,6 +108,43 @@ def _reference_rows(env: dict) -> list[Row]:
     return rows
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and value == value  # not a note, not NaN
+
+
+def order_flags(rows: list[Row]) -> list[tuple[Row, str]]:
+    """(row, "unreliable: ...") for every latency, step-time and throughput row whose timing
+    contradicts the FLOP order of its family (see ORDER_FLOPS_RATIO); ``rows`` are left unchanged."""
+    flops = {(r.model, r.input): r.value for r in rows
+             if r.metric == "flops_flopcountermode" and r.variant == "eval" and _number(r.value)}
+
+    def per_volume_flops(r: Row):
+        return flops.get((r.model, "x".join(["1", *r.input.split("x")[1:]])))
+
+    timed = [r for r in rows if r.metric in ("latency", "step_time") and _number(r.value) and per_volume_flops(r)]
+    reasons: dict[int, list[str]] = {}
+    for big in timed:
+        for small in timed:
+            same = [(r.model.split("_")[0], r.input, r.dtype, r.backend, r.variant, r.metric) for r in (big, small)]
+            ratio = per_volume_flops(big) / per_volume_flops(small)
+            if same[0] != same[1] or ratio < ORDER_FLOPS_RATIO or big.value * ORDER_MARGIN >= small.value:
+                continue
+            why = (f"{big.model} ({ratio:.1f}x the FLOPs of {small.model}) timed {small.value / big.value:.2f}x "
+                   f"faster than it")
+            for r in (big, small):
+                reasons.setdefault(id(r), []).append(why)
+    flags = []
+    by_id = {id(r): r for r in timed}
+    for key, why in reasons.items():
+        row = by_id[key]
+        flag = join_flags(*(f"unreliable: {w}" for w in why))
+        flags.append((row, flag))
+        if row.metric == "step_time":  # the throughput row is the same timing
+            flags += [(r, flag) for r in rows if r.metric == "throughput" and (r.model, r.input, r.dtype, r.backend)
+                      == (row.model, row.input, row.dtype, row.backend)]
+    return flags
+
+
 def speedup_rows(rows: list[Row]) -> list[Row]:
     """Fused against unfused DCFormer: time ratios (unfused / fused) and training memory (fused / unfused)."""
     index = {(r.model, r.input, r.dtype, r.backend, r.variant, r.metric): r for r in rows}
@@ -112,7 +155,8 @@ def speedup_rows(rows: list[Row]) -> list[Row]:
         unfused = index.get((model, inp, dtype, "unfused", variant, metric))
         if unfused is None or not all(isinstance(r.value, (int, float)) and r.value > 0 for r in (fused, unfused)):
             continue
-        common = dict(model=model, variant=variant, input=inp, dtype=dtype, backend="fused vs unfused", env=fused.env)
+        common = dict(model=model, variant=variant, input=inp, dtype=dtype, backend="fused vs unfused",
+                      flag=join_flags(fused.flag, unfused.flag), env=fused.env)
         if metric == "peak_memory":
             if variant == "training":
                 out.append(Row(metric="memory_ratio", value=round(fused.value / unfused.value, 3),
@@ -133,6 +177,10 @@ class Task:
     input: str = ""
     dtype: str = ""
     backend: str = ""
+
+    @property
+    def timed(self) -> bool:
+        return self.variant == "inference+training"
 
     def note(self, metric: str, why: str, env: dict) -> Row:
         return Row(model=self.model, variant=self.variant, input=self.input, dtype=self.dtype, backend=self.backend,
@@ -178,7 +226,7 @@ def _raise_terminated(signum, frame):
     raise _Terminated()
 
 
-def run(out_dir: Path = Path("bench/results"), gpu: bool = False, budget_s: float | None = None,
+def run(out_dir: Path = DEFAULT_OUT, gpu: bool = False, budget_s: float | None = None,
         models: list[str] | None = None, started: float | None = None, progress: bool = True,
         rep_ms: float | None = None, input_shape: tuple[int, ...] | None = None, dtypes=None) -> Path:
     """Run the suite, write ``models_{cpu,gpu}.csv``, ``.md`` and the plots; return the CSV path.
@@ -186,7 +234,9 @@ def run(out_dir: Path = Path("bench/results"), gpu: bool = False, budget_s: floa
     ``budget_s`` (seconds since ``started``): no new task starts once the elapsed time plus the median
     task time so far exceeds it; the tasks left are listed as skipped and the report is still written.
     The CSV is rewritten after every task, and a SIGTERM stops the run and writes the report, so a
-    run killed by ``timeout`` keeps what it measured.
+    run killed by ``timeout`` keeps what it measured. Timings flagged as unreliable (noisy, or
+    against the FLOP order, ``order_flags``) are taken once more after the other tasks, when the
+    load on a shared machine may have changed; what is still unreliable then stays flagged.
     """
     if gpu and not torch.cuda.is_available():
         raise RuntimeError("gpu=True needs a CUDA device; torch.cuda.is_available() is False")
@@ -197,39 +247,55 @@ def run(out_dir: Path = Path("bench/results"), gpu: bool = False, budget_s: floa
     rep_ms = rep_ms if rep_ms is not None else (100 if gpu else 300)
     csv_path = out_dir / f"{'models_gpu' if gpu else 'models_cpu'}.csv"
     tasks = _tasks(select_encoders(models, gpu), gpu, device, input_shape, env, rep_ms, dtypes)
-    rows: list[Row] = []
+    results: list[list[Row]] = [[] for _ in tasks]  # rows per task, in task order
     durations: list[float] = []
+
+    def all_rows() -> list[Row]:
+        return [r for rows in results for r in rows]
+
+    def attempt(k: int, again: bool = False) -> None:
+        task = tasks[k]
+        elapsed = time.perf_counter() - started
+        if budget_s is not None and elapsed + (statistics.median(durations) if durations else 0) > budget_s:
+            if not again:
+                results[k] = [task.note("skipped", f"time budget ({budget_s:.0f} s) reached", env)]
+            return
+        if again:
+            print(f"timing {task.name} again: some of its figures were flagged unreliable", flush=True)
+        elif hasattr(bar, "set_description"):
+            bar.set_description(task.name[:40])
+        t0 = time.perf_counter()
+        try:
+            results[k] = task.make_rows()
+        except Exception as exc:  # one failing model must not lose the others' results
+            first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
+            results[k] = [task.note("error", f"{type(exc).__name__}: {first_line}", env)]
+            if isinstance(exc, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            elif not progress:
+                traceback.print_exc()
+        durations.append(time.perf_counter() - t0)
+        write_csv(all_rows(), csv_path)
+
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
-    bar = _progress(tasks, progress)
+    bar = _progress(range(len(tasks)), progress)
+    terminated = False
     try:
-        for task in bar:
-            elapsed = time.perf_counter() - started
-            if budget_s is not None and elapsed + (statistics.median(durations) if durations else 0) > budget_s:
-                rows.append(task.note("skipped", f"time budget ({budget_s:.0f} s) reached", env))
-                continue
-            if hasattr(bar, "set_description"):
-                bar.set_description(task.name[:40])
-            t0 = time.perf_counter()
-            try:
-                rows += task.make_rows()
-            except Exception as exc:  # one failing model must not lose the others' results
-                first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
-                rows.append(task.note("error", f"{type(exc).__name__}: {first_line}", env))
-                if isinstance(exc, torch.OutOfMemoryError):
-                    torch.cuda.empty_cache()
-                elif not progress:
-                    traceback.print_exc()
-            durations.append(time.perf_counter() - t0)
-            write_csv(rows, csv_path)
-        terminated = False
+        for k in bar:
+            attempt(k)
+        for k in _unreliable_tasks(tasks, results):
+            attempt(k, again=True)
     except _Terminated:
-        rows.append(Row(model="(suite)", variant="", input="", dtype="", backend="", metric="skipped",
-                        value="terminated by SIGTERM; later tasks not run", unit="", env=env))
+        results.append([Row(model="(suite)", variant="", input="", dtype="", backend="", metric="skipped",
+                            value="terminated by SIGTERM; later tasks not run", unit="", env=env)])
         terminated = True
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_handler)
+    rows = all_rows()
+    for row, flag in order_flags(rows):
+        row.flag = join_flags(row.flag, flag)
     rows += speedup_rows(rows)
     write_csv(rows, csv_path)
     write_report(csv_path, title=f"Model benchmark ({'GPU' if gpu else 'CPU'})")
@@ -242,6 +308,13 @@ def run(out_dir: Path = Path("bench/results"), gpu: bool = False, budget_s: floa
     else:
         write_plots(csv_path)
     return csv_path
+
+
+def _unreliable_tasks(tasks: list[Task], results: list[list[Row]]) -> list[int]:
+    """Indices of the timing tasks with a flagged row (their own, or against the FLOP order)."""
+    flagged = {id(row) for row, _ in order_flags([r for rows in results for r in rows])}
+    return [k for k, (task, rows) in enumerate(zip(tasks, results))
+            if task.timed and any(r.flag or id(r) in flagged for r in rows)]
 
 
 def _progress(tasks: list, enabled: bool):

@@ -23,6 +23,7 @@ import functools
 import math
 import os
 import warnings
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -30,12 +31,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import dcformer_kernels
-from dcformer_kernels._dispatch import resolve_backend
+from dcformer_kernels.dispatch import resolve_backend
+from med3dvlm.models.seg.unet import UNet
 
 from .specs import PROJECTION_DIM, Encoder
 
 __all__ = ["parameter_count", "flop_counter_flops", "fvcore_macs", "fvcore_trace_macs", "head_counts",
-           "resolved_path"]
+           "resolved_path", "dca_cost"]
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -175,3 +177,26 @@ def head_counts(channels: int, out_dim: int = PROJECTION_DIM) -> tuple[int, int]
     head = nn.Linear(channels, out_dim)
     macs, _, _ = fvcore_trace_macs(head, torch.randn(1, channels))
     return parameter_count(head), macs
+
+
+def dca_cost(image_size: Sequence[int] = (224, 224), in_channels: int = 3, out_channels: int = 2,
+             channels: Sequence[int] = (32, 64, 128, 256, 512), **dca_kwargs) -> dict[str, int]:
+    """Parameters and forward FLOPs of ``UNet`` without and with DCA for one image of ``image_size``.
+
+    FLOPs from ``torch.utils.flop_counter.FlopCounterMode``: 2 per multiply-add, convolutions and
+    matrix products only (pooling, interpolation, norms and softmax are not counted). Counted
+    on the meta device, so nothing is computed; the attention is forced onto the math path so
+    that its matrix products are counted on every backend.
+    """
+    result = {}
+    for suffix, dca in (("without_dca", False), ("with_dca", True)):
+        with torch.device("meta"):
+            model = UNet(len(image_size), in_channels, out_channels, channels, dca=dca, **dca_kwargs)
+            x = torch.empty(1, in_channels, *image_size)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(x)
+        result[f"params_{suffix}"] = sum(p.numel() for p in model.parameters())
+        result[f"flops_{suffix}"] = counter.get_total_flops()
+    result["added_params"] = result["params_with_dca"] - result["params_without_dca"]
+    result["added_flops"] = result["flops_with_dca"] - result["flops_without_dca"]
+    return result

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..common import Row, peak_memory, time_fn
+from ..common import Row, peak_memory, spread_flag, time_fn
 from .counts import resolved_path
 from .specs import Encoder
 
@@ -51,8 +51,9 @@ def run_job(job: Job, input_shape: tuple[int, ...], device: torch.device, env: d
                   backend=job.path(device), env=env)
     rows = []
 
-    def record(variant, metric, value, unit, p20="", p80=""):
-        rows.append(Row(variant=variant, metric=metric, value=value, unit=unit, p20=p20, p80=p80, **common))
+    def record(variant, metric, value, unit, p20="", p80="", flag=""):
+        rows.append(Row(variant=variant, metric=metric, value=value, unit=unit, p20=p20, p80=p80, flag=flag,
+                        **common))
 
     def inference():
         model.eval()
@@ -62,7 +63,8 @@ def run_job(job: Job, input_shape: tuple[int, ...], device: torch.device, env: d
                 return model(x)
 
         t = time_fn(forward, rep_ms=rep_ms, min_reps=5, cuda=cuda)
-        record("inference", "latency", round(t.median_ms, 3), "ms", round(t.p20_ms, 3), round(t.p80_ms, 3))
+        record("inference", "latency", round(t.median_ms, 3), "ms", round(t.p20_ms, 3), round(t.p80_ms, 3),
+               spread_flag(t))
         mib, measure = peak_memory(forward, cuda=cuda)
         record("inference", "peak_memory", round(mib, 1), f"MiB ({measure})")
 
@@ -78,10 +80,11 @@ def run_job(job: Job, input_shape: tuple[int, ...], device: torch.device, env: d
             optimizer.step()
 
         t = time_fn(train_step, rep_ms=rep_ms, min_reps=5, cuda=cuda)  # its warm-up also creates AdamW's state
-        record("training", "step_time", round(t.median_ms, 3), "ms", round(t.p20_ms, 3), round(t.p80_ms, 3))
+        record("training", "step_time", round(t.median_ms, 3), "ms", round(t.p20_ms, 3), round(t.p80_ms, 3),
+               spread_flag(t))
         # volumes/s; the 20th percentile of throughput is the 80th of time
         record("training", "throughput", round(batch * 1e3 / t.median_ms, 3), "volumes/s",
-               round(batch * 1e3 / t.p80_ms, 3), round(batch * 1e3 / t.p20_ms, 3))
+               round(batch * 1e3 / t.p80_ms, 3), round(batch * 1e3 / t.p20_ms, 3), spread_flag(t))
         # Measured from a state without gradients, on CPU and CUDA alike: the peak above parameters,
         # optimizer state and input, gradients included. (With the last step's gradients live, the
         # CUDA measure would net them out against the new ones, and the CPU one, whose profiler

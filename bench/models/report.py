@@ -36,7 +36,12 @@ def _spread(r: dict | None, digits: int) -> str:
     text = f"{float(r['value']):.{digits}f}"
     if _num(r["p20"]) is not None and _num(r["p80"]) is not None:
         text += f" ({float(r['p20']):.{digits}f}–{float(r['p80']):.{digits}f})"
-    return text
+    return text + _unreliable(r)
+
+
+def _unreliable(r: dict | None) -> str:
+    """The mark of a flagged figure (CSVs written before the flag column have none)."""
+    return " (unreliable)" if r is not None and r.get("flag") else ""
 
 
 def _cell(rows: list[dict], variant: str, metric: str, model: str, path: str, digits: int) -> str:
@@ -98,10 +103,11 @@ def _speedup_table(rows: list[dict]) -> list[str]:
     lines = []
     for model, inp, dtype in dict.fromkeys((r["model"], r["input"], r["dtype"]) for r in speed):
         sel = dict(model=model, input=inp, dtype=dtype)
-        fwd = _value(speed, variant="inference", metric="speedup", **sel)
-        step = _value(speed, variant="training", metric="speedup", **sel)
-        mem = _value(speed, variant="training", metric="memory_ratio", **sel)
-        lines.append([model, inp, dtype] + ["" if v is None else f"{v:.2f}x" for v in (fwd, step, mem)])
+        found = [_find(speed, variant="inference", metric="speedup", **sel),
+                 _find(speed, variant="training", metric="speedup", **sel),
+                 _find(speed, variant="training", metric="memory_ratio", **sel)]
+        lines.append([model, inp, dtype] + ["" if r is None or _num(r["value"]) is None
+                                            else f"{float(r['value']):.2f}x{_unreliable(r)}" for r in found])
     return [markdown_table("DCFormer: fused kernels (backend=\"auto\" on CUDA) against the unfused path "
                            "(backend=\"torch\")", header, lines, speed[0])]
 
@@ -156,6 +162,12 @@ def markdown_report(rows: list[dict], title: str = "Model benchmark") -> str:
     parts += _encoder_tables(rows)
     parts += _speedup_table(rows)
     parts += _paper_table(rows)
+    unreliable = [r for r in rows if r.get("flag")]
+    if unreliable:
+        parts.append(markdown_table(
+            "Unreliable (marked above; not results)", ["model", "input", "dtype", "path", "what", "metric", "why"],
+            [[r["model"], r["input"], r["dtype"], r["backend"], r["variant"], r["metric"],
+              r["flag"].removeprefix("unreliable: ")] for r in unreliable]))
     problems = [r for r in rows if r["metric"] in ("error", "skipped")]
     if problems:
         parts.append(markdown_table("Not measured", ["model", "input", "dtype", "path", "what", "why"],

@@ -1,9 +1,9 @@
 """Micro benchmarks (pytest-benchmark), CPU-sized:
 
-    pytest bench/ --benchmark-only
+    pytest tests/bench/test_bench_micro.py --benchmark-only
 
-Without ``--benchmark-only`` they are skipped, so a plain ``pytest bench/`` stays quick (``make test``
-collects tests/ only). On a CPU the fused op's ``backend="auto"`` is its PyTorch path.
+Without ``--benchmark-only`` they are skipped, so ``make test`` stays quick. On a CPU the fused op's
+``backend="auto"`` is its PyTorch path.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ CHANNELS, SIZE, KERNEL = 32, 16, 7
 @pytest.fixture(autouse=True)
 def _only_with_benchmark_only(request):
     if not request.config.getoption("benchmark_only", default=False):
-        pytest.skip("micro benchmark: run with `pytest bench/ --benchmark-only`")
+        pytest.skip("micro benchmark: run with `pytest tests/bench/test_bench_micro.py --benchmark-only`")
 
 
 @pytest.fixture
