@@ -14,7 +14,6 @@ Each stage hands the next ``<output>/model``: the model, its tokenizer and the p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from dcformer_kernels import DecomposedConv3d
 
+from ..checkpoints import state_dict_under_anchor
 from ..encoder import Encoder3D, Resample
 from .layers import Mlp, to_channels_first, to_channels_last
 from ..registry import register_variants
@@ -184,20 +185,6 @@ def official_key_to_ours(key: str) -> str | None:
     return None
 
 
-def _strip_encoder_prefix(state_dict: dict) -> dict:
-    """Keep the encoder's entries of a full checkpoint and drop their prefix.
-
-    The prefix is whatever precedes the stem's first key (``encoder.``, ``vision_encoder.encoder.``,
-    ``module.vision_encoder.`` ...); keys without it belong to other modules and are left out.
-    """
-    anchors = [k for k in state_dict if k.endswith(_ANCHOR)]
-    if len(anchors) != 1:
-        raise KeyError(f"expected exactly one DCFormer stem key ending in {_ANCHOR!r} in the state dict; "
-                       f"found {len(anchors)}: {anchors[:5]}")
-    prefix = anchors[0][: -len(_ANCHOR)]
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
 def load_official_dcformer(state_dict: dict, variant: str, **overrides) -> DCFormer:
     """Our DCFormer-``variant`` holding the official weights, mapped strictly.
 
@@ -210,7 +197,7 @@ def load_official_dcformer(state_dict: dict, variant: str, **overrides) -> DCFor
     model = DCFormer(DCFORMER_VARIANTS[variant], **overrides)
     ours = model.state_dict()
     mapped, unexpected = {}, []
-    for key, value in _strip_encoder_prefix(state_dict).items():
+    for key, value in state_dict_under_anchor(state_dict, _ANCHOR, "DCFormer stem").items():
         name = official_key_to_ours(key)
         if name is None or name not in ours:
             unexpected.append(key)

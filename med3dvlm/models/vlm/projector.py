@@ -21,10 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checkpoints import state_dict_under_anchor
 from ..encoder import Encoder3D, as_triple
 
-__all__ = ["MixerLayer", "MixerProjector", "MLPProjector", "build_projector", "load_official_projector",
-           "state_dict_under_anchor"]
+__all__ = ["MixerLayer", "MixerProjector", "MLPProjector", "build_projector", "load_official_projector"]
 
 
 class ProjectionMlp(nn.Module):
@@ -194,17 +194,6 @@ _OFFICIAL_PROJECTOR_RULES = {
     "mlp2.mm_projector.0": "channel_mlp.fc1", "mlp2.mm_projector.1.1": "channel_mlp.fc2",
 }
 _OFFICIAL_PROJECTOR_KEY = re.compile(r"^(low|high)_mixer\.(\d+)\.(.+)\.(weight|bias)$")
-
-
-def state_dict_under_anchor(state_dict: dict, anchor: str, what: str) -> dict:
-    """The entries of a full checkpoint under the prefix of the one key ending in ``anchor``
-    (``model.mm_projector.``, ``module.`` ...), with that prefix removed."""
-    anchors = [k for k in state_dict if k.endswith(anchor)]
-    if len(anchors) != 1:
-        raise KeyError(f"expected exactly one {what} key ending in {anchor!r} in the state dict; "
-                       f"found {len(anchors)}: {anchors[:5]}")
-    prefix = anchors[0][: -len(anchor)]
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def official_projector_key(name: str) -> str:
