@@ -112,3 +112,5 @@ def test_preprocessed_pixel_values_pass_through_unchanged():
         proc(["<im_patch> a ?"], raw[:1], pixel_values=done[:1])
     with pytest.raises(ValueError, match=r"pixel_values must be \(N, 1, D, H, W\)"):
         proc(["<im_patch> a ?"], pixel_values=done[0])
+    with pytest.raises(ValueError, match="pass max_length only with targets"):
+        proc(["<im_patch> a ?"], pixel_values=done[:1], max_length=64)

@@ -123,6 +123,9 @@ class Med3DVLMProcessor(ProcessorMixin):
         prompts = [self.expand_image_tokens(ids) for ids in prompts]
 
         if targets is None:
+            if max_length is not None:  # a prompt cut short would lose its question, or its image
+                raise ValueError(f"max_length={max_length} truncates training sequences (with targets); prompts "
+                                 f"for generation are not truncated: pass max_length only with targets")
             sequences, labels = prompts, None
         else:
             answers = [self.target_ids(t) for t in targets]
