@@ -28,7 +28,8 @@ from ..models.vlm.clip import SIGLIP_INITS
 from ..models.vlm.offline import offline_text_encoder
 from .config import MISSING, ConfigError
 from .engine import CheckpointingTrainer, TrainingConfig
-from .runner import StageRun, check_choice, check_paths, kept_items, run_stage_config, volume_reader
+from .runner import (StageRun, check_choice, check_held_out, check_paths, kept_items, run_stage_config,
+                     volume_reader)
 
 __all__ = ["ClipStageConfig", "ClipModelConfig", "CaptionDataConfig", "ClipCollator", "ClipTrainer", "run_stage"]
 
@@ -85,6 +86,8 @@ def check(config: ClipStageConfig) -> None:
         # a skipped item would shrink one process's batch, and the gathered loss needs equal batches
         raise ConfigError("data.skip_bad cannot be used with several processes in stage 1 (the SigLIP loss "
                           "gathers equal local batches); clean the data set or train on one process")
+    held_out = data.eval_split if data.format == "m3d_cap" else data.eval_path
+    check_held_out(config.training, held_out is not None, "data.eval_split, or data.eval_path for ct_rate")
     check_paths({"data.path": data.path, "data.eval_path": data.eval_path, "data.root": data.root})
 
 

@@ -12,7 +12,8 @@ from transformers import set_seed
 from .config import ConfigError, config_to_dict, load_config
 from .engine import RunMonitor, TrainingConfig, replace_default_callbacks, resolve_resume, training_arguments
 
-__all__ = ["StageRun", "run_stage_config", "check_training", "check_choice", "check_paths", "find_config",
+__all__ = ["StageRun", "run_stage_config", "check_training", "check_held_out", "check_choice", "check_paths",
+           "find_config",
            "kept_items", "volume_reader", "MODEL_FOLDER"]
 
 MODEL_FOLDER = "model"  # <output_dir>/model: the stage's save_pretrained folder
@@ -76,6 +77,13 @@ def kept_items(items: list) -> list:
     return kept
 
 
+def check_held_out(training: TrainingConfig, has_held_out: bool, where: str) -> None:
+    """Evaluation every ``training.eval_steps`` needs a held-out set (``where`` says how to name one)."""
+    if training.eval_steps > 0 and not has_held_out:
+        raise ConfigError(f"training.eval_steps={training.eval_steps} asks for held-out evaluation, but the data "
+                          f"section names no held-out set ({where}); set training.eval_steps=0 or name one")
+
+
 def check_training(training: TrainingConfig) -> None:
     """Values the types allow but a run cannot use, named by key."""
     positive = {"batch_size": training.batch_size, "eval_batch_size": training.eval_batch_size,
@@ -117,9 +125,6 @@ def run_stage_config(stage: str, config_class: type, check: Callable[[Any], None
         raise ConfigError(str(error)) from error
     set_seed(config.training.seed)  # the fresh parts' initialisation too, not only the training order
     run = prepare(config)
-    if config.training.eval_steps > 0 and run.eval_dataset is None:
-        raise ConfigError(f"training.eval_steps={config.training.eval_steps} asks for held-out evaluation, but the "
-                          f"data section gives no held-out set; set training.eval_steps=0 or name one")
     args = training_arguments(config.training, output_dir, drop_last=run.drop_last, max_steps=max_steps)
     trainer = run.trainer_class(model=run.model, args=args, train_dataset=run.train_dataset,
                                 eval_dataset=run.eval_dataset, data_collator=run.collator)

@@ -27,7 +27,8 @@ from ..models.vlm.offline import offline_lm
 from ..models.vlm.projector import PROJECTOR_TYPES
 from .config import ConfigError
 from .engine import CheckpointingTrainer, TrainingConfig
-from .runner import StageRun, check_choice, check_paths, kept_items, run_stage_config, volume_reader
+from .runner import (StageRun, check_choice, check_held_out, check_paths, kept_items, run_stage_config,
+                     volume_reader)
 
 __all__ = ["VLMStageConfig", "VLMModelConfig", "InstructionDataConfig", "InstructionDataset",
            "InstructionCollator", "REPORT_PROMPTS", "run_stage"]
@@ -142,6 +143,8 @@ def check_stage(stage: str):
         check_choice("data.vqa_mode", data.vqa_mode, ("closed", "open", "both"))
         if not data.captions and not data.vqa:
             raise ConfigError("data.captions and data.vqa are both empty: give at least one training source")
+        check_held_out(config.training, bool(data.captions and data.eval_captions_split),
+                       "data.eval_captions_split with data.captions")
         check_paths({"model.vision_from": model.vision_from, "model.start_from": model.start_from,
                      "data.captions": data.captions, "data.vqa": data.vqa, "data.root": data.root})
 

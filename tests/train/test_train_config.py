@@ -68,6 +68,8 @@ def test_bad_config_values_are_named(overrides, message):
     ("clip", ["data.path=/no/such.json", "model.dist_impl=gathr"], r"model.dist_impl must be one of \['gather', 'ring'\]"),
     ("clip", ["data.path=/no/such.json", "data.preprocessing=hu"], r"data.preprocessing must be one of \['ct_hu'"),
     ("clip", ["data.path=/no/such.json", "data.format=csv"], r"data.format must be one of \['ct_rate', 'm3d_cap'\]"),
+    ("clip", ["data.path=/no/such.json", "data.eval_split=null", "training.eval_steps=5"],
+     r"training.eval_steps=5 asks for held-out evaluation, but the data section names no held-out set"),
     ("projector", ["model.vision_from=/no/clip", f"data.captions={__file__}"], r"model.vision_from: '/no/clip' does not exist"),
     ("projector", ["model.vision_from=/no/clip"], r"data.captions and data.vqa are both empty"),
     ("projector", ["model.vision_from=/no/clip", "model.projector=linear", f"data.captions={__file__}"],
