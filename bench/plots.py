@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import matplotlib
@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .common import read_csv  # noqa: E402
 
-__all__ = ["write_plots", "place_labels", "legend_entries"]
+__all__ = ["write_plots", "place_labels", "legend_entries", "training_rows"]
 
 FAMILY_COLOURS = {"dcformer": "tab:red", "vit3d": "tab:blue", "convnext3d": "tab:green", "poolformer3d": "tab:purple"}
 PATH_MARKERS = {"fused": "o", "unfused": "X", "pytorch": "s"}
@@ -44,7 +44,8 @@ def _short(model: str) -> str:
     return model.split("(")[0]
 
 
-def _training(rows: list[dict], metric: str) -> list[dict]:
+def training_rows(rows: list[dict], metric: str) -> list[dict]:
+    """The training-pass rows of ``metric`` that hold a number (not an error or a skip note)."""
     return [r for r in rows if r["variant"] == "training" and r["metric"] == metric and _float(r["value"]) is not None]
 
 
@@ -53,7 +54,7 @@ def _params(rows: list[dict]) -> dict[str, float]:
 
 
 def plot_throughput(rows: list[dict], path: Path) -> Path:
-    data = _training(rows, "throughput")
+    data = training_rows(rows, "throughput")
     params = _params(rows)
     dtypes = list(dict.fromkeys(r["dtype"] for r in data)) or ["float32"]
     fig, axes = plt.subplots(1, len(dtypes), figsize=(7.5 * len(dtypes), 5.6), squeeze=False)
@@ -140,8 +141,9 @@ def place_labels(ax, points: list[tuple[float, float, str]], fontsize: float = 7
 
 def plot_memory(rows: list[dict], path: Path) -> Path:
     params = _params(rows)
-    data = sorted(_training(rows, "peak_memory"), key=lambda r: (_family_rank(r["model"]), params.get(r["model"], 0),
-                                                                 r["model"], r["backend"], r["dtype"]))
+    data = sorted(training_rows(rows, "peak_memory"),
+                  key=lambda r: (_family_rank(r["model"]), params.get(r["model"], 0), r["model"], r["backend"],
+                                 r["dtype"]))
     labels = [f"{_short(r['model'])} {r['backend']} {r['dtype']}" for r in data]
     fig, ax = plt.subplots(figsize=(8, 0.32 * max(len(data), 4) + 1.2))
     ax.barh(range(len(data)), [float(r["value"]) for r in data], color=[_colour(r["model"]) for r in data])
@@ -218,6 +220,12 @@ def write_plots(csv_path: Path) -> list[Path]:
     return written + ([speedup] if speedup else [])
 
 
-if __name__ == "__main__":
-    for written in write_plots(Path(sys.argv[1])):
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("csv", type=Path, help="a model-suite CSV (models_cpu.csv or models_gpu.csv)")
+    for written in write_plots(parser.parse_args(argv).csv):
         print(written)
+
+
+if __name__ == "__main__":
+    main()

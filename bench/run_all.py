@@ -4,10 +4,10 @@
     python -m bench.run_all --gpu              # CUDA: Med3DVLM's input size, within --budget-s
     python -m bench.run_all --models 'dcformer_*' --skip-conv
 
-CPU: ``bench.bench_conv`` (CPU mode) then the model suite at 2x1x64x64x64 -> conv_cpu.*, models_cpu.*.
+CPU: ``bench.ops.conv`` (CPU mode) then the model suite at 2x1x64x64x64 -> conv_cpu.*, models_cpu.*.
 GPU: the model suite at 2x1x128x256x256, fp32 and bf16 autocast, DCFormer fused and unfused, and the
 counts at 512x512x256 -> models_gpu.*. No torch.compile anywhere. The kernel benchmark is left to
-``python -m bench.bench_conv`` on a GPU: it compiles many Triton and Inductor variants.
+``python -m bench.ops.conv`` on a GPU: it compiles many Triton and Inductor variants.
 """
 from __future__ import annotations
 
@@ -52,10 +52,10 @@ def main(argv=None) -> None:
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu needs a CUDA device; torch.cuda.is_available() is False")
     if not args.gpu and not args.skip_conv:
-        from . import bench_conv
+        from .ops import conv
 
         print("== decomposed conv kernel benchmark (CPU)", flush=True)
-        bench_conv.run(args.out, quick=True, compile_only=args.compile_only)
+        conv.run(args.out, quick=True, compile_only=args.compile_only)
     print("== model suite", flush=True)
     with compile_only(args.compile_only):
         csv_path = models.run(args.out, gpu=args.gpu, budget_s=budget_s, models=args.models, started=started,

@@ -102,10 +102,10 @@ def tile_config(x: torch.Tensor, out_h: int, out_w: int, depth: int) -> TileConf
     """A program's block: W-major for NCDHW (vector loads along W), C-major for channels-last.
 
     Each program computes one block of d_tile x block_c x rows_h x cols_w outputs with no runtime
-    loop. The GPU blocks are the best of ``bench.sass_conv --sweep`` (SASS instructions per
+    loop. The GPU blocks are the best of ``bench.static.sass_conv --sweep`` (SASS instructions per
     element for sm_90, compiled without a GPU; a model, not a timing): one warp per program, so the
     per-tap weight-gradient sums need no cross-warp reduction (half the backward's instructions
-    at 4 warps). ``python -m bench.tune_conv`` times the same candidates on a GPU.
+    at 4 warps). ``python -m bench.tune.conv`` times the same candidates on a GPU.
     """
     return _tiles(triton_interpreting(), memory_format(x) == torch.channels_last_3d, x.shape[1], out_h, out_w, depth)
 

@@ -178,7 +178,7 @@ if HAS_TRITON:
         # (outputs outside the volume are finite: their loads are masked to 0): NaN or Inf there
         # means a non-finite value somewhere (or an overflow: recomputed too, correctly). The host
         # always passes RECOMPUTE=True; RECOMPUTE is instrumentation: False leaves the (cold) recompute
-        # out of the code, only for counting the fast path's instructions (bench/sass_conv.py). The W halo starts
+        # out of the code, only for counting the fast path's instructions (bench/static/sass_conv.py). The W halo starts
         # W_HALO >= KW//2 columns before the cube, so NCDHW rows load from aligned addresses.
         # TRANSPOSED: this is dx = the transposed conv of g (backward); the recompute then leaves
         # out the taps outside the volume instead of multiplying the padding (see _direct_forward).
@@ -405,7 +405,7 @@ if HAS_TRITON:
         finite = (tl.abs(xg) < float("inf")) & (tl.abs(block_sum(dx)) < float("inf"))
         n_nonfinite = tl.sum(tl.where(finite, 0, 1), axis=0)
         # EXACT_BLOCKS is instrumentation: the host always passes True; False compiles the common
-        # path alone, only for counting its instructions (bench/sass_conv.py).
+        # path alone, only for counting its instructions (bench/static/sass_conv.py).
         if EXACT_BLOCKS:
             if n_nonfinite > 0:
                 dx, xg = _bwd_taps(xv, g0, g_c, g_d, g_hw, wd_ptr, wh_ptr, ww_ptr, part, part_ok, c, c_ok, ok, d_on,
@@ -487,7 +487,7 @@ def _triton_tc_backward(grad, x, weights, dx):
 def decomposed_conv3d_forward(x, weight_d, weight_h, weight_w, bias, stride: int, impl: str = "auto",
                               tiles: TileConfig | None = None) -> torch.Tensor:
     """Launch the forward kernels (no checks, no autograd): y in x's memory format. ``tiles``
-    overrides the direct kernel's blocks (bench/tune_conv.py, bench/sass_conv.py)."""
+    overrides the direct kernel's blocks (bench/tune/conv.py, bench/static/sass_conv.py)."""
     kd, kh, kw = weight_d.shape[1], weight_h.shape[1], weight_w.shape[1]
     shape = output_shape(x, kd, kh, kw, stride)
     y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))

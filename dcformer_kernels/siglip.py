@@ -19,7 +19,9 @@ one kernel builds the R x B logits tile by tile (as the forward does, never stor
 writes G in the input dtype (a bounded buffer) with the stripe's partial sums for dt', db; two
 matmuls give dX[stripe] = t G Y and add t G^T X[stripe] to dY (fp32, stripes in a fixed order):
 6 B^2 d FLOPs, two thirds of them on cuBLAS, O(R B + B d) memory. ``backward_impl`` picks one;
-"auto" takes the stripes above d = 256 or 8192^2 pairs. The PyTorch path (CPU) is the same
+"auto" takes the stripes above d = 256 or 8192^2 pairs. It is named apart from the conv ops' ``impl``
+(a kernel family for the same computation, forward and backward alike) because it picks a backward
+algorithm with its own memory bound, and the forward has one kernel. The PyTorch path (CPU) is the same
 stripes algorithm with the logits of a stripe as one torch matmul and G in torch ops.
 Saved for backward: x, y, t', b (and the group ids). Memory: the forward and the fused backward
 hold no pair matrix at all; the stripes (and the PyTorch path) hold one stripe of at most
@@ -52,7 +54,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _GROUP_DTYPES = (torch.int32, torch.int64)
 BACKWARD_IMPLS = ("auto", "fused", "stripes")
 # "auto" keeps the fused row/column backward up to this d and this many pairs (rows x columns of
-# the block), where it beat the stripes on an H100 (docs/siglip_notes.md, "Constants").
+# the block), where it was the faster of the two (measurements: docs/siglip_notes.md, "Constants").
 FUSED_BACKWARD_MAX_DIM = 256
 FUSED_BACKWARD_MAX_PAIRS = 8192**2
 # The stripes' half-precision products need torch.mm(..., out_dtype=torch.float32) (torch >= 2.8);
@@ -132,10 +134,8 @@ def tile_config(n_rows: int, n_cols: int, dim: int, dtype: torch.dtype, device: 
     else:
         programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
         if dtype in (torch.float16, torch.bfloat16):
-            # Measured on an H100, bf16, B = 16k, d = 768 (docs/siglip_notes.md): 64 x 128 forward
-            # tiles beat 128 x 128 by 9%; in the backward a 64 x 256 gradient block ran its executed
-            # work at ~110 TFLOP/s against ~260 for 64 x 128 (register pressure, not profiled), so
-            # above d = 256 the narrower block wins despite recomputing S for twice as many blocks.
+            # The fastest of a GPU tile sweep (docs/siglip_notes.md, "Constants"): above d = 256 the
+            # narrower gradient block wins despite recomputing S for twice as many blocks.
             if not backward:
                 rows, cols, feats, outs, warps, stages = 64, 128, 64, 0, 4, 3
             elif dim > 256:

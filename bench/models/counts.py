@@ -36,7 +36,7 @@ from med3dvlm.models.seg.unet import UNet
 
 from .specs import PROJECTION_DIM, Encoder
 
-__all__ = ["parameter_count", "flop_counter_flops", "fvcore_macs", "fvcore_trace_macs", "head_counts",
+__all__ = ["parameter_count", "flop_counter_flops", "fvcore_macs", "fvcore_trace_macs", "exact_scale", "head_counts",
            "resolved_path", "dca_cost"]
 
 
@@ -133,7 +133,7 @@ def fvcore_trace_macs(model: nn.Module, x: torch.Tensor) -> tuple[int, dict[str,
     return total, {k: int(v) for k, v in analysis.by_operator().items()}, dict(analysis.unsupported_ops())
 
 
-def _exact_scale(encoder: Encoder, input_shape: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+def exact_scale(encoder: Encoder, input_shape: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
     """A smaller input whose counts times ``factor`` are exactly those at ``input_shape`` (else itself, 1)."""
     full, _ = flop_counter_flops(encoder, input_shape)
     for side in (4, 2):
@@ -160,7 +160,7 @@ def fvcore_macs(encoder: Encoder, input_shape: tuple[int, ...], train: bool = Fa
     where that is exact (module docstring).
     """
     build = {"backend": backend} if encoder.is_dcformer and backend is not None else {}
-    shape, factor = _exact_scale(encoder, input_shape) if scale_down else (input_shape, 1)
+    shape, factor = exact_scale(encoder, input_shape) if scale_down else (input_shape, 1)
     torch.manual_seed(0)
     model = encoder.build(**build).to(device).train(train)
     x = torch.randn(shape, device=device)

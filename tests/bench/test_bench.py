@@ -14,7 +14,7 @@ import torch
 
 from bench.common import CSV_FIELDS, ENV_FIELDS, read_csv
 from bench.models import run, speedup_rows
-from bench.models.counts import _exact_scale, flop_counter_flops, fvcore_macs, fvcore_trace_macs
+from bench.models.counts import exact_scale, flop_counter_flops, fvcore_macs, fvcore_trace_macs
 from bench.models.report import write_report
 from bench.models.specs import PAPER_INPUT, PAPER_TABLE, PAPER_VIT, REFERENCE_FLOP_COUNTER, Encoder
 from bench.plots import write_plots
@@ -86,10 +86,10 @@ def test_fvcore_training_graph_adds_batchnorm_at_five_per_element():
 
 
 def test_exact_scaling_is_used_only_where_it_holds():
-    assert _exact_scale(Encoder("dcformer_nano"), PAPER_INPUT) == ((1, 1, 64, 128, 128), 64)
+    assert exact_scale(Encoder("dcformer_nano"), PAPER_INPUT) == ((1, 1, 64, 128, 128), 64)
     vit = Encoder("vit3d_naive", PAPER_VIT)
     if vit.available():  # attention is quadratic in tokens: no smaller trace is exact
-        assert _exact_scale(vit, PAPER_INPUT) == (PAPER_INPUT, 1)
+        assert exact_scale(vit, PAPER_INPUT) == (PAPER_INPUT, 1)
 
 
 @pytest.mark.parametrize("key", list(REFERENCE_FLOP_COUNTER))
@@ -219,17 +219,17 @@ def test_time_fn_takes_a_noisy_timing_again_and_keeps_the_steadiest(monkeypatch)
     from bench.common import Timing
 
     taken = iter([Timing(10.0, 5.0, 20.0), Timing(11.0, 10.0, 12.0), Timing(1.0, 1.0, 1.0)])
-    monkeypatch.setattr(common, "_time_once", lambda *args: next(taken))
+    monkeypatch.setattr(common, "time_once", lambda *args: next(taken))
     assert common.time_fn(lambda: None) == Timing(11.0, 10.0, 12.0)  # steady on the second try: no third
     assert next(taken) == Timing(1.0, 1.0, 1.0)
     noisy = iter([Timing(10.0, 5.0, 20.0), Timing(10.0, 4.0, 20.0), Timing(10.0, 6.0, 20.0), None])
-    monkeypatch.setattr(common, "_time_once", lambda *args: next(noisy))
+    monkeypatch.setattr(common, "time_once", lambda *args: next(noisy))
     assert common.time_fn(lambda: None) == Timing(10.0, 6.0, 20.0)  # three tries, the least spread
     assert common.spread_flag(Timing(10.0, 6.0, 20.0))  # still flagged in the report
 
 
 def test_conv_bandwidth_rows_use_the_fastest_clone_and_flag_impossible_figures():
-    from bench.bench_conv import _bandwidth_rows
+    from bench.ops.conv import bandwidth_rows
     from bench.common import Timing
 
     env = {k: "" for k in ENV_FIELDS}
@@ -239,7 +239,7 @@ def test_conv_bandwidth_rows_use_the_fastest_clone_and_flag_impossible_figures()
     timed = [("steady", "forward", 2, Timing(0.1, 0.1, 0.11)),
              ("noisy", "forward", 2, Timing(0.1, 0.05, 0.3)),
              ("too_fast", "forward", 2, Timing(0.01, 0.01, 0.01))]
-    rows = _bandwidth_rows(timed, clones, mib, "1x1x64x64x64 k=3", "float32", env)
+    rows = bandwidth_rows(timed, clones, mib, "1x1x64x64x64 k=3", "float32", env)
     clone = rows[0]
     assert (clone.variant, clone.metric, clone.value, clone.flag) == ("clone", "GB/s", 104.9, "")
     by = {(r.variant, r.metric): r for r in rows[1:]}
@@ -289,7 +289,7 @@ def test_order_flags_catch_a_bigger_model_timed_faster_than_a_smaller_one():
 
 
 def test_reports_mark_unreliable_figures_and_state_units_once(tmp_path):
-    from bench.bench_conv import _write_report
+    from bench.ops.conv import write_report as write_conv_report
     from bench.common import Row, markdown_pivot, write_csv
     from bench.models.report import write_report
 
@@ -297,7 +297,7 @@ def test_reports_mark_unreliable_figures_and_state_units_once(tmp_path):
     conv = [Row("decomposed_conv3d", v, "2x8x4x4x4 k=3", "float32", mode, "time", t, "ms", flag=flag, env=env)
             for v, mode, t, flag in (("cpu_path_ncdhw", "forward", 1.5, ""), ("cpu_path_ncdhw", "backward", 3.0, ""),
                                      ("three_conv3d_ncdhw", "forward", 0.2, "unreliable: spread p80/p20 = 3.00"))]
-    _write_report(conv, tmp_path, gpu=False)
+    write_conv_report(conv, tmp_path, gpu=False)
     md = (tmp_path / "conv_cpu.md").read_text()
     assert "| input | dtype | pass | cpu_path_ncdhw | three_conv3d_ncdhw |" in md  # `backend` holds the pass
     assert "Unit of every value: ms." in md and " ms |" not in md
@@ -321,10 +321,10 @@ def test_reports_mark_unreliable_figures_and_state_units_once(tmp_path):
 
 
 def test_suite_times_flagged_tasks_again(tmp_path, monkeypatch):
-    import bench.models as suite
+    from bench.models import suite
     from bench.common import Row
 
-    for counting in ("_count_rows", "_paper_rows", "_reference_rows"):
+    for counting in ("count_rows", "paper_rows", "reference_rows"):
         monkeypatch.setattr(suite, counting, lambda *args: [])
     calls = []
 
@@ -345,11 +345,12 @@ def test_suite_times_flagged_tasks_again(tmp_path, monkeypatch):
 def test_a_bench_run_writes_to_an_ignored_folder_unless_told(monkeypatch, tmp_path):
     import subprocess
 
-    from bench import bench_conv, models, run_all
+    from bench import models, run_all
+    from bench.ops import conv
     from bench.common import DEFAULT_OUT
 
     seen = {}
-    monkeypatch.setattr(bench_conv, "run", lambda out, **kw: seen.setdefault("conv", out))
+    monkeypatch.setattr(conv, "run", lambda out, **kw: seen.setdefault("conv", out))
     monkeypatch.setattr(models, "run", lambda out, **kw: seen.setdefault("models", out) / "models_cpu.csv")
     run_all.main(["--no-progress"])
     assert seen == {"conv": DEFAULT_OUT, "models": DEFAULT_OUT} and DEFAULT_OUT == Path("bench/results/local")
@@ -383,11 +384,11 @@ def test_throughput_plot_labels_do_not_overlap_and_its_legend_shows_what_is_draw
     real_place_labels = plots.place_labels
     monkeypatch.setattr(plots, "place_labels", placed)
     plots.plot_throughput(rows, tmp_path / "throughput.png")
-    assert len(boxes) == len(plots._training(rows, "throughput")) == 12
+    assert len(boxes) == len(plots.training_rows(rows, "throughput")) == 12
     overlapping = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
     assert not overlapping
 
-    labels = [label for label, _, _ in plots.legend_entries(plots._training(rows, "throughput"))]
+    labels = [label for label, _, _ in plots.legend_entries(plots.training_rows(rows, "throughput"))]
     assert labels == ["dcformer", "vit3d", "convnext3d", "poolformer3d", "unfused", "pytorch"]  # no "fused" on CPU
     flagged = [{**rows[0], "flag": "unreliable: x"}]
     assert plots.legend_entries(flagged)[-1][0] == "unreliable (hollow; see the .md)"

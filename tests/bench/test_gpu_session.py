@@ -5,10 +5,13 @@ import math
 
 import torch
 
-from bench import bench_conv, common, tune_siglip
+from bench import common
 from bench.common import Row, time_fn, write_csv
 from bench.gpu_session import summary
-from bench.sass_siglip import Candidate
+from bench.ops import conv as bench_conv
+from bench.static import host_overhead
+from bench.static.sass_siglip import Candidate
+from bench.tune import siglip as tune_siglip
 
 
 def _conv_rows(env):
@@ -19,8 +22,8 @@ def _conv_rows(env):
     rows += [Row("decomposed_conv3d", "fused_ncdhw", name, "float32", "forward", "%copy", 41.5, "%", env=env),
              Row("decomposed_conv3d", "fused vs best of three_conv3d", name, "float32", "forward+backward",
                  "speedup", 3.0, "x", env=env)]
-    rows += bench_conv._graphed_rows({"fused_cl": lambda: None, "three_conv3d_ncdhw": lambda: None}, name, "float32",
-                                     env)
+    rows += bench_conv.graphed_rows({"fused_cl": lambda: None, "three_conv3d_ncdhw": lambda: None}, name, "float32",
+                                    env)
     return rows
 
 
@@ -28,7 +31,7 @@ def test_summary_reports_failures_conv_and_tune(tmp_path, monkeypatch):
     env = {"device": "test", "torch": "", "triton": "", "cuda": "", "date": ""}
     # no CUDA graph here: "replay" the call itself, at 0.1 ms (fused) and 0.5 ms (three Conv3d)
     timings = iter([common.Timing(0.1, 0.1, 0.1), common.Timing(0.5, 0.5, 0.5)])
-    monkeypatch.setattr(bench_conv, "_graphed", lambda call: call)
+    monkeypatch.setattr(bench_conv, "cuda_graph_replay", lambda call: call)
     monkeypatch.setattr(bench_conv, "time_fn", lambda call, **kw: next(timings))
     write_csv(_conv_rows(env), tmp_path / "conv_gpu.csv")
     write_csv([Row("decomposed_conv3d", label, "2x8x4x4x4 k=3 cl", "bfloat16", "forward", "time", t, "ms", env=env)
@@ -52,7 +55,6 @@ def test_compile_only_calls_once_and_restores():
         timing = time_fn(lambda: calls.append(1))
         assert common.peak_memory_bytes(lambda: calls.append(1)) is None
     assert calls == [1, 1] and math.isnan(timing.median_ms)
-    assert not common._COMPILE_ONLY
     time_fn(lambda: calls.append(1), warmup_ms=0, min_reps=2)
     assert len(calls) > 3  # timing again: the warm-up call plus the timed ones
 
@@ -61,7 +63,7 @@ def test_tune_siglip_sweep_runs_each_candidate_and_summary_names_the_best(tmp_pa
     """The sweep's loop on the interpreter (tiny B, two candidates, one with a register cap), then
     the session summary's line for it."""
     candidates = [Candidate(32, 32, 16, 1, 1), Candidate(32, 64, 16, 2, 1, 1, 128)]
-    rows = tune_siglip._sweep([(48, 24)], None, ceiling=False, device="cpu", dtype=torch.float32,
+    rows = tune_siglip.time_candidates([(48, 24)], None, ceiling=False, device="cpu", dtype=torch.float32,
                               candidates=candidates)
     times = [r for r in rows if r.metric == "time"]
     assert [(r.variant, r.backend) for r in times] == [(str(c), k) for c in candidates for k in ("forward", "stripe G")]
@@ -78,7 +80,7 @@ def test_conv_bench_steps_run_their_own_variant(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_conv, "CPU_SHAPES", [(4, 4, 5, 6, 3)])
     monkeypatch.setattr(bench_conv, "time_fn", lambda call, **kw: (call(), common.Timing(1.0, 1.0, 1.0))[1])
     steps = {}
-    monkeypatch.setattr(bench_conv, "_speedups", lambda both, found, *args: steps.update(found) or [])
+    monkeypatch.setattr(bench_conv, "speedup_rows", lambda both, found, *args: steps.update(found) or [])
     bench_conv.run(tmp_path)
     assert set(steps) == {"cpu_path_ncdhw", "cpu_path_cl", "three_conv3d_ncdhw", "three_conv3d_cl"}
     for variant, step in steps.items():
@@ -102,3 +104,14 @@ def test_gpu_timing_window_holds_min_reps_of_a_slow_call(monkeypatch):
     assert 150 <= seen["rep"] < 200  # three calls of ~50 ms
     time_fn(lambda: None, rep_ms=100)
     assert seen["rep"] == 100
+
+
+def test_host_overhead_runs_on_a_cpu_without_the_interpreter(monkeypatch):
+    """``python -m bench.static.host_overhead`` on a machine without a GPU or TRITON_INTERPRET: every
+    case runs the Triton path's Python with the launches stubbed (the fused BN layer's too)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    times = host_overhead.measure(calls=2, repeats=1)
+    assert set(times) == {"decomposed_conv3d forward+backward (all gradients)",
+                          "DecomposedConv3d(norm='batch'), training, forward+backward",
+                          "decomposed_conv3d forward (no grad)"}
+    assert all(us > 0 for us in times.values())

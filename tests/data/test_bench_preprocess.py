@@ -1,10 +1,10 @@
-"""bench.bench_preprocess on tiny inputs: rows for every step, CSV first, Markdown from the CSV."""
+"""bench.ops.preprocess on tiny inputs: rows for every step, CSV first, Markdown from the CSV."""
 import pytest
 
 pytest.importorskip("nibabel")
 pytest.importorskip("monai")
 
-from bench import bench_preprocess  # noqa: E402
+from bench.ops import preprocess as bench_preprocess  # noqa: E402
 from bench.common import environment, read_csv, write_csv  # noqa: E402
 
 
@@ -12,7 +12,7 @@ def test_bench_preprocess_writes_csv_then_markdown(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_preprocess, "PRESET_NAMES", ("m3d",))
     monkeypatch.setattr(bench_preprocess, "DEMO_SIZE", (16, 24, 24))
     env = environment(cuda=False)
-    path = bench_preprocess._write_volume(tmp_path, (16, 24, 24))
+    path = bench_preprocess.write_volume(tmp_path, (16, 24, 24))
     rows = bench_preprocess.measure_volume(path, (16, 24, 24), tmp_path / "cache", env)
     rows += bench_preprocess.measure_resampling(path, (16, 24, 24), env, target_spacing=(24.0, 24.0, 24.0))
     rows += bench_preprocess.measure_synth(2, tmp_path / "synthct", env)

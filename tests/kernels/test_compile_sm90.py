@@ -1,7 +1,7 @@
 """Every Triton kernel compiles for an H100 (sm_90), on a machine without a GPU.
 
 The other tests run the kernels through Triton's interpreter, which never invokes the GPU
-compiler; this runs ``bench.compile_check`` (Triton's own LLVM and the ptxas in its wheel) in a
+compiler; this runs ``bench.static.compile_check`` (Triton's own LLVM and the ptxas in its wheel) in a
 process without TRITON_INTERPRET, so a kernel the compiler rejects fails here, not on a GPU.
 """
 import os
@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
                     reason="this Triton wheel ships no ptxas/nvdisasm")
 def test_every_kernel_compiles_for_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-m", "bench.compile_check"], cwd=ROOT, env=env,
+    run = subprocess.run([sys.executable, "-m", "bench.static.compile_check"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=500)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()

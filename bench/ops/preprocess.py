@@ -1,7 +1,7 @@
 """Preprocessing throughput on CPU: volumes/s per preset, a CT-sized scan included, and SynthCT's
 generation rate.
 
-    python -m bench.bench_preprocess [--out bench/results/local/preprocess_cpu.csv] [--synth-n 500]
+    python -m bench.ops.preprocess [--out bench/results/local/preprocess_cpu.csv] [--synth-n 500]
 
 Inputs: SynthCT volumes written as int16 ``.nii.gz`` (gzip level 1, as the generator writes them):
 a CT-sized 300x512x512 (D x H, W: 0.85 x 0.75 x 0.75 mm) and the demo size 64x128x128. Per input:
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .common import DEFAULT_OUT, Row, environment, markdown_pivot, markdown_table, read_csv, time_fn, write_csv
+from ..common import DEFAULT_OUT, Row, environment, markdown_pivot, markdown_table, read_csv, time_fn, write_csv
 
 CT_SIZE = (300, 512, 512)
 DEMO_SIZE = (64, 128, 128)
@@ -41,7 +41,8 @@ def _input_name(size) -> str:
     return "x".join(map(str, size)) + " int16 nii.gz"
 
 
-def _write_volume(folder: Path, size) -> Path:
+def write_volume(folder: Path, size) -> Path:
+    """A SynthCT phantom of ``size`` saved as an int16 NIfTI in ``folder`` (the benchmark's input)."""
     import nibabel as nib
 
     from med3dvlm.data.synth import make_phantom
@@ -125,7 +126,7 @@ def write_markdown(csv_path: Path, load_before: tuple, load_after: tuple) -> Pat
     rows = read_csv(csv_path)
     pre = [r for r in rows if r["model"] == "preprocess"]
     parts = ["## Preprocessing throughput (CPU)", "",
-             f"`python -m bench.bench_preprocess`; load average (1, 5, 15 min) at start {load_before}, at end "
+             f"`python -m bench.ops.preprocess`; load average (1, 5, 15 min) at start {load_before}, at end "
              f"{load_after}: the machine is shared, other processes slow every number.", ""]
     parts.append(markdown_pivot([r for r in pre if r["unit"] == "volumes/s"], ["input"], "variant",
                                 "End to end (read the .nii.gz, orient, preprocess), per preset"))
@@ -164,7 +165,7 @@ def main(argv=None) -> None:
         sizes = (DEMO_SIZE,) if args.skip_ct else (DEMO_SIZE, CT_SIZE)
         for size in sizes:
             start = time.perf_counter()
-            path = _write_volume(tmp, size)
+            path = write_volume(tmp, size)
             print(f"== {_input_name(size)} (written in {time.perf_counter() - start:.1f} s)", flush=True)
             rows += measure_volume(path, size, tmp / "cache", env)
             if size == CT_SIZE:

@@ -1,6 +1,6 @@
 """Static SASS analysis of the decomposed-conv kernels for an H100 (sm_90), on any machine.
 
-    python -m bench.sass_conv [--out DIR] [--tile BC,DT,RH,RW,WARPS] [--sweep]
+    python -m bench.static.sass_conv [--out DIR] [--tile BC,DT,RH,RW,WARPS] [--sweep]
 
 Compiles every kernel launch of the fused op (forward, backward) and of the fused training-mode
 BatchNorm (stats, grad sums, dx) for DCFormer's stage shapes, exactly as a launch on an H100 would
@@ -20,7 +20,7 @@ stage-1 forward (NCDHW, bf16, k=13) at 0.17 ms against 0.19 ms measured on that 
 The table also gives ptxas's registers (and spill bytes) per thread and the warps an SM can hold
 with them (registers, shared memory and the 32-program limit): the model assumes enough warps
 to hide memory latency, which one-warp programs (at most 32 resident warps of 64) may not give.
-``--sweep`` ranks the candidate tiles of ``bench.tune_conv`` by the model; the GPU tuner then
+``--sweep`` ranks the candidate tiles of ``bench.tune.conv`` by the model; the GPU tuner then
 times the few best.
 """
 from __future__ import annotations
@@ -34,8 +34,8 @@ import dcformer_kernels.conv_common as conv_common
 import dcformer_kernels.decomposed_conv as dc
 import dcformer_kernels.decomposed_conv_bn as dcbn
 
-from .bench_conv import GPU_SHAPES
-from .common import DEFAULT_OUT, Row, environment, markdown_table, write_csv
+from ..common import DEFAULT_OUT, Row, environment, markdown_table, write_csv
+from ..ops.conv import GPU_SHAPES
 from .sass import capture_launches, compile_launch, programs_per_sm, resources, sass_counts, summarize
 
 SMS, ISSUE_PER_CLOCK, CLOCK_HZ, COPY_BYTES_PER_S = 132, 4, 1.755e9, 2.65e12
@@ -126,7 +126,7 @@ SWEEP = {  # (block_c, d_tile, rows_h, cols_w, num_warps) candidates per layout;
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--tile", help="BC,DT,RH,RW,WARPS: analyse this tile instead of _tile_config's")
+    parser.add_argument("--tile", help="BC,DT,RH,RW,WARPS: analyse this tile instead of tile_config's")
     parser.add_argument("--sweep", action="store_true", help="rank SWEEP's tiles by the model (stage 1 and 3)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
-"""Sweep the fused conv's tile shapes on a CUDA device (informs ``_tile_config``'s heuristic).
+"""Sweep the fused conv's tile shapes on a CUDA device (informs ``conv_common.tile_config``'s heuristic).
 
-    python -m bench.tune_conv [--out DIR] [--stages 1 3] [--formats ncdhw cl] [--compile-only]
+    python -m bench.tune.conv [--out DIR] [--stages 1 3] [--formats ncdhw cl] [--compile-only]
 
 For DCFormer's stage shapes (batch 2, bf16) and both memory formats, times the forward and the
 backward of the direct kernels for each candidate tile (tensor cores off) and, where the shape
@@ -17,11 +17,11 @@ import torch
 import dcformer_kernels.decomposed_conv as dc
 from dcformer_kernels.conv_common import TileConfig
 
-from .bench_conv import GPU_SHAPES
-from .common import DEFAULT_OUT, Row, compile_only, environment, time_fn, write_csv
-from .sass_conv import SWEEP
+from ..common import DEFAULT_OUT, Row, compile_only, environment, time_fn, write_csv
+from ..ops.conv import GPU_SHAPES
+from ..static.sass_conv import SWEEP
 
-# The same candidates the static SASS model ranks (bench/sass_conv.py); every one is a fresh compile.
+# The same candidates the static SASS model ranks (bench/static/sass_conv.py); every one is a fresh compile.
 CANDIDATES = {fmt: [TileConfig(*t) for t in tiles] for fmt, tiles in SWEEP.items()}
 SHAPES = [s for s in GPU_SHAPES if s[-1] in (13, 9)]
 
@@ -36,15 +36,16 @@ def main(argv=None):
                         help="call each candidate once (fills Triton's on-disk cache), time and write nothing")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("tune_conv needs a CUDA device")
+        raise SystemExit("bench.tune.conv needs a CUDA device")
     with compile_only(args.compile_only):
-        rows = _sweep([s for s in SHAPES if not args.stages or GPU_SHAPES.index(s) + 1 in args.stages],
-                      [f for f in CANDIDATES if not args.formats or f in args.formats], args.budget_s)
+        rows = time_candidates([s for s in SHAPES if not args.stages or GPU_SHAPES.index(s) + 1 in args.stages],
+                               [f for f in CANDIDATES if not args.formats or f in args.formats], args.budget_s)
     if not args.compile_only:
         write_csv(rows, args.out / "tune_conv.csv")
 
 
-def _sweep(shapes, formats, budget_s=None) -> list[Row]:
+def time_candidates(shapes, formats, budget_s=None) -> list[Row]:
+    """Rows of the sweep: each tile candidate of each format, forward and backward, at each stage shape."""
     env = environment()
     rows = []
     started = time.perf_counter()

@@ -1,6 +1,6 @@
 """Host time per call of the fused decomposed conv, with every Triton launch stubbed out.
 
-    python -m bench.host_overhead
+    python -m bench.static.host_overhead
 
 At DCFormer's small stages a call's GPU work takes a few microseconds, so what the host does per
 call (argument checks, autograd, allocations, launch bookkeeping, small torch ops) decides the
@@ -14,6 +14,7 @@ number is the best of five repeats.
 """
 from __future__ import annotations
 
+import argparse
 import time
 from unittest import mock
 
@@ -73,13 +74,14 @@ def _cases(device: str) -> dict:
     }
 
 
-def measure() -> dict[str, float]:
+def measure(calls: int = 1000, repeats: int = 5) -> dict[str, float]:
     """Per-call host time on this CPU with every launch stubbed out (any machine)."""
     triton_backend = lambda backend, device: "triton"  # noqa: E731
     with _stubbed(dc), _stubbed(dcbn), _stubbed(conv_common), \
             mock.patch.object(dc, "resolve_backend", triton_backend), \
+            mock.patch.object(dcbn, "resolve_backend", triton_backend), \
             mock.patch.object(layers, "resolve_backend", triton_backend):
-        return {name: _per_call_us(fn) for name, fn in _cases("cpu").items()}
+        return {name: _per_call_us(fn, calls, repeats) for name, fn in _cases("cpu").items()}
 
 
 def measure_cuda() -> dict[str, float]:
@@ -92,7 +94,8 @@ def _stubbed(module):
     return mock.patch.multiple(module, **{name: _NoLaunch() for name in dir(module) if name.endswith("_kernel")})
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     for name, us in measure().items():
         print(f"{name}: {us:.1f} us per call (CPU host time, launches stubbed)", flush=True)
     if torch.cuda.is_available():

@@ -12,7 +12,7 @@ GPU (bf16 by default): B in {1k, 4k, 16k, 32k, 64k} x d in {256, 768, 1152}; thr
 CPU: the chunked PyTorch path (variant "fused", backend torch: its backward is the stripes
   algorithm) against the dense reference at small sizes, labelled CPU.
 
-    python -m bench.bench_siglip [--out DIR] [--quick] [--budget-s 120] [--batches ..] [--dims ..]
+    python -m bench.ops.siglip [--out DIR] [--quick] [--budget-s 120] [--batches ..] [--dims ..]
 
 Writes siglip.csv (long format, bench/common.py), then siglip.md made from the CSV.
 """
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from dcformer_kernels import siglip_loss
 
-from .common import (DEFAULT_OUT, Row, compile_only, environment, markdown_pivot, peak_memory_bytes, read_csv,
+from ..common import (DEFAULT_OUT, Row, compile_only, environment, markdown_pivot, peak_memory_bytes, read_csv,
                      time_fn, write_csv)
 
 GPU_BATCHES = (1024, 4096, 16384, 32768, 65536)
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         dims = GPU_QUICK_DIMS if args.quick else GPU_DIMS
         variants = GPU_VARIANTS
     else:
-        print("bench_siglip: the Triton kernels need CUDA; timing the chunked PyTorch path on CPU instead")
+        print("bench.ops.siglip: the Triton kernels need CUDA; timing the chunked PyTorch path on CPU instead")
         device, dtype, batches, dims = "cpu", torch.float32, CPU_BATCHES, CPU_DIMS
         variants = CPU_VARIANTS
     batches, dims = args.batches or batches, args.dims or dims

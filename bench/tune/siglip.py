@@ -1,9 +1,9 @@
-"""Sweep the SigLIP forward's tiles on a CUDA device (informs ``siglip._tile_config``).
+"""Sweep the SigLIP forward's tiles on a CUDA device (informs ``dcformer_kernels.siglip.tile_config``).
 
-    python -m bench.tune_siglip [--out DIR] [--budget-s S] [--shard K/N] [--compile-only]
+    python -m bench.tune.siglip [--out DIR] [--budget-s S] [--shard K/N] [--compile-only]
 
-For each candidate of ``bench.sass_siglip.SWEEP`` (its static resources: ``python -m
-bench.sass_siglip --sweep``) times, in bf16, the forward kernel on the whole batch and the
+For each candidate of ``bench.static.sass_siglip.SWEEP`` (its static resources: ``python -m
+bench.static.sass_siglip --sweep``) times, in bf16, the forward kernel on the whole batch and the
 stripes backward's kernel on one stripe (the same tiles serve both; the stripe kernel builds the
 stripe's logits and writes G), at B = 16k, 32k and 64k with d = 768 and at B = 32k with d = 256.
 Reports ms and model TFLOP/s as % of an 8192^3 bf16 matmul measured in the same run; prints the
@@ -21,9 +21,9 @@ from triton.runtime.errors import OutOfResources
 import dcformer_kernels.siglip as sg
 from dcformer_kernels.dispatch import compute_dtype
 
-from .bench_siglip import matmul_tflops
-from .common import DEFAULT_OUT, Row, compile_only, environment, time_fn, write_csv
-from .sass_siglip import SWEEP, forward_tiles
+from ..common import DEFAULT_OUT, Row, compile_only, environment, time_fn, write_csv
+from ..ops.siglip import matmul_tflops
+from ..static.sass_siglip import SWEEP, forward_tiles
 
 SHAPES = ((16384, 768), (32768, 768), (65536, 768), (32768, 256))
 
@@ -38,11 +38,11 @@ def main(argv=None):
                         help="call each candidate once (fills Triton's on-disk cache), time and write nothing")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("tune_siglip needs a CUDA device")
+        raise SystemExit("bench.tune.siglip needs a CUDA device")
     with compile_only(args.compile_only):
         # One shape compiles every candidate: the kernels specialise on the same constexprs at all of them.
-        rows = _sweep(SHAPES[:1] if args.compile_only else SHAPES, args.budget_s, ceiling=not args.compile_only,
-                      candidates=_shard(args.shard))
+        rows = time_candidates(SHAPES[:1] if args.compile_only else SHAPES, args.budget_s,
+                               ceiling=not args.compile_only, candidates=_shard(args.shard))
     if not args.compile_only:
         write_csv(rows, args.out / "tune_siglip.csv")
 
@@ -54,8 +54,10 @@ def _shard(spec: str) -> list:
     return SWEEP[k::n]
 
 
-def _sweep(shapes, budget_s, ceiling=True, device="cuda", dtype=torch.bfloat16, candidates=SWEEP) -> list[Row]:
-    """Rows of the sweep; ``device``/``dtype``/``candidates`` let the tests run it on the interpreter."""
+def time_candidates(shapes, budget_s, ceiling=True, device="cuda", dtype=torch.bfloat16,
+                    candidates=SWEEP) -> list[Row]:
+    """Rows of the sweep: each candidate's forward and stripe-kernel times at each (B, d) of ``shapes``;
+    ``device``/``dtype``/``candidates`` let the tests run it on the interpreter."""
     env = environment()
     ceiling = matmul_tflops(device, dtype) if ceiling else float("nan")
     sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 1

@@ -1,6 +1,6 @@
 """Compile every Triton kernel of the library for an H100 (sm_90) without a GPU.
 
-    TRITON_INTERPRET=0 python -m bench.compile_check
+    TRITON_INTERPRET=0 python -m bench.static.compile_check
 
 The interpreter (how the tests run the kernels on CPU) never runs Triton's GPU compiler, so a
 construct the interpreter accepts but the compiler rejects would first show on a GPU. This
@@ -11,6 +11,7 @@ ships in Triton's wheel. Prints one line per kernel; exits non-zero on the first
 """
 from __future__ import annotations
 
+import argparse
 from unittest import mock
 
 import torch
@@ -77,7 +78,8 @@ def _siglip_launches():
         yield f"siglip {dtype} d={dim}", launches
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     for case, launches in (*_conv_launches(), *_siglip_launches()):
         for launch in launches:
             counts = sass_counts(compile_launch(launch))

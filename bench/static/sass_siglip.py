@@ -1,6 +1,6 @@
 """Static SASS count of the fused SigLIP forward kernel for an H100 (sm_90), on any machine.
 
-    python -m bench.sass_siglip [--batch 16384] [--dim 768]
+    python -m bench.static.sass_siglip [--batch 16384] [--dim 768]
 
 Compiles the forward launch of ``siglip_loss`` (bf16) as an H100 would specialise it and counts
 its SASS instructions. The kernel's column loop runs the pair epilogue (logit, sign, softplus,
@@ -9,9 +9,9 @@ the epilogue's cost per pair from above (the count also holds the feature loop's
 Against it stands the tile's d-long dot product: d multiply-adds per pair on the tensor cores,
 ~2,100 per clock per SM on an H100. A static count, not a timing.
 
-    python -m bench.sass_siglip --sweep
+    python -m bench.static.sass_siglip --sweep
 
-compiles the forward for each tile candidate of ``SWEEP`` (the candidates ``bench.tune_siglip``
+compiles the forward for each tile candidate of ``SWEEP`` (the candidates ``bench.tune.siglip``
 times on a GPU) and prints what ptxas allocated (registers, spills, shared memory), the programs
 an SM can hold, the tile's arithmetic intensity against L2 (FLOPs per byte loaded per feature
 step: every program re-reads its X rows and a Y tile for each column tile) and how many waves
@@ -54,7 +54,7 @@ class Candidate:
         return f"{self.rows}x{self.cols}x{self.feats} w{self.warps} s{self.stages}{split}{regs}"
 
 
-SWEEP = [  # bf16; the first is _tile_config's choice
+SWEEP = [  # bf16; the first is tile_config's choice
     Candidate(64, 128, 64, 4, 3), Candidate(64, 128, 64, 4, 3, 1), Candidate(64, 128, 64, 4, 2, None, 128),
     Candidate(128, 128, 64, 8, 3), Candidate(128, 128, 64, 8, 3, None, 128),
     Candidate(128, 128, 32, 8, 3, None, 128), Candidate(128, 128, 32, 8, 3, 1, 128),

@@ -1,7 +1,7 @@
 """Training-step benchmark: Med3DVLM's stage 1 (DCFormer-small + the offline MiniLM + SigLIP) and
 stage 3 (DCFormer-small + the offline SmolLM2 with LoRA) steps per second and peak memory.
 
-    python -m bench.bench_train [--out bench/results/local] [--size 32 64 64] [--batch 2] [--stages clip finetune]
+    python -m bench.ops.train_step [--out bench/results/local] [--size 32 64 64] [--batch 2] [--stages clip finetune]
 
 A step is forward, backward and an AdamW update of what the stage trains (stage 3: LoRA + the vision
 tower, projector, embeddings and LM head), on random volumes and fixed-length token batches
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .common import DEFAULT_OUT, Row, environment, markdown_pivot, peak_memory, read_csv, spread_flag, time_fn, \
+from ..common import DEFAULT_OUT, Row, environment, markdown_pivot, peak_memory, read_csv, spread_flag, time_fn, \
     write_csv
 
 STAGES = ("clip", "finetune")
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     rows = [row for stage in args.stages for row in measure(stage, size, args.batch, args.text_tokens, args.reps, cuda)]
     csv_path = write_csv(rows, args.out / f"train_{'gpu' if cuda else 'cpu'}.csv")
     text = markdown_pivot(read_csv(csv_path), ["model", "variant", "input", "dtype"], "metric",
-                          "Training steps (bench/bench_train.py)")
+                          "Training steps (bench/ops/train_step.py)")
     csv_path.with_suffix(".md").write_text(text)
     print(text)
 

@@ -8,7 +8,7 @@ GPU: DCFormer's stage shapes at batch 2 and 8, bf16 and fp32; forward, backward 
   per call: what torch.compile(mode="reduce-overhead") or a captured training step gives).
 CPU: the CPU path (backend="torch") against three nn.Conv3d + adds at small sizes.
 
-    python -m bench.bench_conv [--out DIR] [--quick] [--stages 1 3] [--dtypes bfloat16] [--budget-s S]
+    python -m bench.ops.conv [--out DIR] [--quick] [--stages 1 3] [--dtypes bfloat16] [--budget-s S]
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from dcformer_kernels import decomposed_conv3d, decomposed_conv3d_reference
 
-from . import common
-from .common import (DEFAULT_OUT, Row, ceiling_flag, environment, join_flags, markdown_pivot, peak_memory_bytes,
+from .. import common
+from ..common import (DEFAULT_OUT, Row, ceiling_flag, environment, join_flags, markdown_pivot, peak_memory_bytes,
                      read_csv, spread_flag, time_fn, timing_from_samples, write_csv)
 
 # (C, D, H, W, k): DCFormer stages at input 256x512x512 (D x H x W) after the stride-4 stem.
@@ -148,12 +148,12 @@ def _run(out_dir, quick, stages, dtypes, batches, budget_s, compile_only) -> Pat
                         rows.append(Row("decomposed_conv3d", variant, name, dt, "forward", "time", "OOM", "", env=env))
                         torch.cuda.empty_cache()
                 clones.append(time_fn(lambda: torch.clone(x0)))
-                rows += _bandwidth_rows(timed, clones, numel * elt, name, dt, env)
+                rows += bandwidth_rows(timed, clones, numel * elt, name, dt, env)
                 if gpu and not compile_only:
-                    rows += _graphed_rows(steps, name, dt, env)
+                    rows += graphed_rows(steps, name, dt, env)
                 if not compile_only:  # after every case: a cut-off run still leaves its numbers
-                    rows += _speedups(both, steps, name, dt, env)
-                    _write_report(rows, out_dir, gpu)
+                    rows += speedup_rows(both, steps, name, dt, env)
+                    write_report(rows, out_dir, gpu)
         if i == 0 and gpu and torch.bfloat16 in dtypes:  # training-mode BN (bf16), after the first batch
             for c, d, h, w, k in shapes:
                 name = f"{batch}x{c}x{d}x{h}x{w} k={k}"
@@ -164,11 +164,11 @@ def _run(out_dir, quick, stages, dtypes, batches, budget_s, compile_only) -> Pat
                     x0 = torch.randn(batch, c, d, h, w, device=device, dtype=torch.bfloat16)
                     rows += _batchnorm_training(x0, k, name, "bfloat16", env)
                 if not compile_only:
-                    _write_report(rows, out_dir, gpu)
+                    write_report(rows, out_dir, gpu)
     return out_dir / f"{'conv_gpu' if gpu else 'conv_cpu'}.csv"
 
 
-def _bandwidth_rows(timed: list, clones: list, tensor_bytes: int, name: str, dt: str, env: dict) -> list[Row]:
+def bandwidth_rows(timed: list, clones: list, tensor_bytes: int, name: str, dt: str, env: dict) -> list[Row]:
     """The clone ceiling (the fastest of ``clones``), then time, GB/s and % of the ceiling of each
     timed (variant, mode): flagged when the timing is noisy or its bandwidth beats the ceiling."""
     ceiling = max(2 * tensor_bytes / t.median_ms / 1e6 for t in clones)
@@ -189,7 +189,7 @@ def _bandwidth_rows(timed: list, clones: list, tensor_bytes: int, name: str, dt:
 GRAPHED = " (CUDA graph)"
 
 
-def _graphed(call):
+def cuda_graph_replay(call):
     """``call`` captured in a CUDA graph (after a warm-up on a side stream, as capture requires);
     returns the graph's replay: the same GPU work without the host's per-call time."""
     stream = torch.cuda.Stream()
@@ -204,7 +204,7 @@ def _graphed(call):
     return graph.replay
 
 
-def _graphed_rows(steps: dict, name: str, dt: str, env: dict) -> list[Row]:
+def graphed_rows(steps: dict, name: str, dt: str, env: dict) -> list[Row]:
     """Forward+backward of the fused op and of three Conv3d replayed from CUDA graphs (what
     torch.compile(mode="reduce-overhead") or a captured training step gives): at the small stages
     host time per call, not the GPU, decides the eager numbers. A capture that fails is recorded,
@@ -214,7 +214,7 @@ def _graphed_rows(steps: dict, name: str, dt: str, env: dict) -> list[Row]:
         if variant not in steps:
             continue
         try:
-            t = time_fn(_graphed(steps[variant]), min_reps=7)
+            t = time_fn(cuda_graph_replay(steps[variant]), min_reps=7)
         except RuntimeError as err:  # e.g. an op that cannot be captured
             rows.append(Row("decomposed_conv3d", variant, name, dt, "forward+backward" + GRAPHED, "time",
                             f"capture failed: {err}"[:200], "", env=env))
@@ -248,7 +248,7 @@ def _interleaved_ratio(baseline, candidate, rounds: int = 15) -> tuple[float, st
     return base.median_ms / cand.median_ms, join_flags(spread_flag(base, "baseline"), spread_flag(cand, "candidate"))
 
 
-def _speedups(both: dict, steps: dict, name: str, dt: str, env: dict) -> list[Row]:
+def speedup_rows(both: dict, steps: dict, name: str, dt: str, env: dict) -> list[Row]:
     """GPU: best fused against the best of three Conv3d (NCDHW or channels_last), from the medians.
     CPU: our CPU path against three Conv3d on the same input layout, timed interleaved."""
     pairs = {}
@@ -296,7 +296,8 @@ def _batchnorm_training(x0, k, name, dt, env) -> list[Row]:
     return rows
 
 
-def _write_report(rows: list[Row], out_dir: Path, gpu: bool) -> None:
+def write_report(rows: list[Row], out_dir: Path, gpu: bool) -> None:
+    """``conv_{cpu,gpu}.csv`` from ``rows``, then the Markdown tables made from that CSV."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "conv_gpu" if gpu else "conv_cpu"
     csv_path = write_csv(rows, out_dir / f"{stem}.csv")

@@ -1,0 +1,1 @@
+"""Tile sweeps on a CUDA device: time the candidates the static analysis ranks."""
