@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make test` and `make bench` (see README).
+# Entry points for a fresh machine: `make demo` (the main job), `make test`, `make bench` (see README).
 # Each creates .venv if absent and installs what it needs into it.
 PYTHON ?= python3
 VENV   := .venv
@@ -48,6 +48,11 @@ $(STAMP): pyproject.toml Makefile
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The whole pipeline (med3dvlm/demo.py): SynthCT, the three training stages, the four evaluations,
+# demo/results.md. About 10 minutes on 2 CPU cores; `make demo GPU=1`: the larger CUDA setting.
+demo: $(STAMP)
+	$(PY) -m med3dvlm.demo --scale $(if $(GPU),gpu,cpu)
 
 # Writes bench/results/local/ (ignored by git); `python -m bench.run_all --out bench/results`
 # refreshes the committed results.

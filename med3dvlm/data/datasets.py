@@ -125,6 +125,10 @@ class M3DCapDataset(_VolumeTextDataset):
         return {"pixel_values": self._volume(record["image"]), "text": self._text(record["text"]),
                 "image_path": record["image"]}
 
+    def caption(self, index: int) -> str:
+        """Item ``index``'s caption, without reading its volume."""
+        return self._text(self.records[index]["text"])
+
     def _text(self, text: str) -> str:
         """M3D-Cap's ``text`` is either the caption or the path of a .txt file holding it."""
         if not text.endswith(".txt") or "\n" in text:

@@ -3,15 +3,20 @@
 The official scripts count a closed answer right when the string "<letter>." appears anywhere in
 it (REFERENCE 5), so "A. liver or B. kidney" is right whichever of the two is the key. The strict
 rule parses which one choice the answer gives and compares that with the key.
+
+``prior_answers`` is the image-blind baseline: for each question, the answer most often right for
+the same question text in training. A model that beats chance but not this baseline has learned
+the answer distribution, not to read the image.
 """
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Callable, Iterable, Sequence
 
 from .metrics import caption_scores_per_sample, macro_average
 
-__all__ = ["closed_choice", "closed_correct_official", "vqa_scores"]
+__all__ = ["closed_choice", "closed_correct_official", "prior_answers", "vqa_scores"]
 
 LETTERS = "ABCD"
 # A choice letter given as such: "B.", "B)", "(B)", "B:" anywhere, followed by a space or the end.
@@ -119,3 +124,28 @@ def _check_letter(letter: str) -> str:
     if not isinstance(letter, str) or letter.strip() not in tuple(LETTERS):
         raise ValueError(f"answer_choice must be one of A, B, C, D; got {letter!r}")
     return letter.strip()
+
+
+def prior_answers(train_rows: Iterable[dict], records: Sequence[dict]) -> list[str]:
+    """The image-blind answer to each record (the fields ``vqa_scores`` reads), from ``train_rows``
+    (M3D-VQA rows: ``Question``, ``Answer``): the answer given most often in training to the same
+    question text (over all training answers when the text is new). A closed question gets
+    ``"<letter>. <choice>"`` for the choice given most often (ties: the first in choice order), an
+    open one that answer's text."""
+    by_question: dict[str, Counter] = {}
+    overall: Counter = Counter()
+    for row in train_rows:
+        by_question.setdefault(row["Question"], Counter())[row["Answer"]] += 1
+        overall[row["Answer"]] += 1
+    if not overall:
+        raise ValueError("prior_answers needs at least one training row")
+    answers = []
+    for record in records:
+        counts = by_question.get(record["question"], overall)
+        if record["closed"]:
+            best = max(range(len(record["choices"])), key=lambda i: (counts[record["choices"][i]], -i))
+            answers.append(f"{LETTERS[best]}. {record['choices'][best]}")
+        else:
+            answers.append(counts.most_common(1)[0][0])
+    return answers
+

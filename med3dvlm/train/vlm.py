@@ -31,16 +31,7 @@ from .runner import (StageRun, check_choice, check_held_out, check_paths, kept_i
                      volume_reader)
 
 __all__ = ["VLMStageConfig", "VLMModelConfig", "InstructionDataConfig", "InstructionDataset",
-           "InstructionCollator", "REPORT_PROMPTS", "run_stage"]
-
-# Report-generation prompts (one per item, in turn). As in Med3DVLM's released formats, the image
-# placeholder comes first, directly before a caption prompt and a space before a question.
-REPORT_PROMPTS = (
-    "Write the radiology report for this CT scan.",
-    "Describe the findings of this CT volume.",
-    "What does this CT scan show? Give the findings and the impression.",
-)
-
+           "InstructionCollator", "run_stage"]
 
 @dataclass
 class VLMModelConfig:
@@ -81,10 +72,11 @@ class VLMStageConfig:
 
 
 class InstructionDataset(Dataset):
-    """Items of a caption or VQA dataset as ``{"pixel_values", "prompt", "target"}``."""
+    """Items of a caption or VQA dataset as ``{"pixel_values", "prompt", "target"}``, prompted as
+    ``processor`` prompts them (report prompts in turn; the question after the image token)."""
 
-    def __init__(self, base: Dataset, image_token: str) -> None:
-        self.base, self.image_token = base, image_token
+    def __init__(self, base: Dataset, processor) -> None:
+        self.base, self.processor = base, processor
 
     def __len__(self) -> int:
         return len(self.base)
@@ -94,9 +86,9 @@ class InstructionDataset(Dataset):
         if item is None:  # skipped as unreadable
             return None
         if "answer" in item:  # VQA: the question (and choices)
-            prompt, target = f"{self.image_token} {item['text']}", item["answer"]
+            prompt, target = self.processor.question_prompt(item["text"]), item["answer"]
         else:  # a report
-            prompt, target = self.image_token + REPORT_PROMPTS[index % len(REPORT_PROMPTS)], item["text"]
+            prompt, target = self.processor.report_prompt(index), item["text"]
         return {"pixel_values": item["pixel_values"], "prompt": prompt, "target": target}
 
 
@@ -113,18 +105,18 @@ class InstructionCollator:
                                    max_length=self.max_length))
 
 
-def instruction_datasets(data: InstructionDataConfig, preprocessor, image_token: str):
-    reader = volume_reader(preprocessor, data.cache_dir)
+def instruction_datasets(data: InstructionDataConfig, processor):
+    reader = volume_reader(processor.volume_preprocessor, data.cache_dir)
     parts = []
     if data.captions:
         parts.append(M3DCapDataset(data.captions, data.split, data.root, reader, data.skip_bad))
     if data.vqa:
         parts.append(M3DVQADataset(data.vqa, data.vqa_mode, data.root, reader, data.skip_bad))
-    train = InstructionDataset(ConcatDataset(parts) if len(parts) > 1 else parts[0], image_token)
+    train = InstructionDataset(ConcatDataset(parts) if len(parts) > 1 else parts[0], processor)
     held_out = None
     if data.captions and data.eval_captions_split:
         held = M3DCapDataset(data.captions, data.eval_captions_split, data.root, reader, data.skip_bad)
-        held_out = InstructionDataset(Subset(held, range(min(data.eval_size, len(held)))), image_token)
+        held_out = InstructionDataset(Subset(held, range(min(data.eval_size, len(held)))), processor)
     return train, held_out
 
 
@@ -207,7 +199,7 @@ def prepare_stage(stage: str):
                 processor.use_chat_template = m.use_chat_template
             trainable = set_trainable(model, "finetune", **lora_options(m))
             finalize = merged_finetune_save(m.start_from, lora_options(m))
-        train, held_out = instruction_datasets(config.data, processor.volume_preprocessor, processor.image_token)
+        train, held_out = instruction_datasets(config.data, processor)
         return StageRun(model=trainable, train_dataset=train, eval_dataset=held_out,
                         collator=InstructionCollator(processor, m.max_length), trainer_class=CheckpointingTrainer,
                         save_with_model=[processor], finalize=finalize)

@@ -110,3 +110,21 @@ def test_open_vqa_reports_meteor_missing_per_type(monkeypatch):
     for part in (open_, *open_["per_type"].values()):
         assert part["meteor"] is None and "no WordNet here" in part["missing"]["meteor"]
         assert part["bleu1"] is not None
+
+
+def test_prior_answers_give_the_most_frequent_training_answer_per_question():
+    from med3dvlm.eval.vqa import prior_answers
+
+    train = [{"Question": "Which plane?", "Answer": "axial"}, {"Question": "Which plane?", "Answer": "axial"},
+             {"Question": "Which plane?", "Answer": "coronal"}, {"Question": "Which organ?", "Answer": "liver"}]
+    records = [
+        {"question": "Which plane?", "closed": True, "choices": ["sagittal", "coronal", "axial", "oblique"]},
+        {"question": "Which plane?", "closed": False, "choices": ["sagittal", "coronal", "axial", "oblique"]},
+        # never seen: the most frequent answer over all of training ("axial", 2 of 4)
+        {"question": "Which phase?", "closed": True, "choices": ["arterial", "axial", "liver", "delayed"]},
+        # no choice was ever an answer to this question: ties go to the first choice
+        {"question": "Which organ?", "closed": True, "choices": ["kidney", "spleen", "heart", "lung"]},
+    ]
+    assert prior_answers(train, records) == ["C. axial", "axial", "B. axial", "A. kidney"]
+    with pytest.raises(ValueError, match="at least one training row"):
+        prior_answers([], records)

@@ -37,6 +37,20 @@ def test_clip_stage_trains_evaluates_and_hands_over_its_model(clip_run):
     assert sorted(p.name for p in clip_run.glob("checkpoint-*")) == ["checkpoint-3"]  # keeps the last 1
 
 
+@pytest.mark.parametrize("train_text_tower", [False, True])
+def test_clip_text_tower_is_locked_or_trained_as_configured(synthct, tmp_path, train_text_tower):
+    from med3dvlm.models import Med3DCLIPModel, offline_text_encoder
+
+    run = tmp_path / "run"
+    main(["train", "clip", "--config", "demo/clip", "--output-dir", str(run), "--max-steps", "1",
+          *tiny_clip_overrides(synthct, **{"model.train_text_tower": str(train_text_tower).lower(),
+                                            "data.eval_split": "null"})])
+    trained = Med3DCLIPModel.from_pretrained(run / "model").text_tower.state_dict()
+    pretrained = offline_text_encoder()[0].state_dict()
+    unchanged = all(torch.equal(trained[k], pretrained[k]) for k in pretrained)
+    assert unchanged is not train_text_tower
+
+
 def test_clip_loss_falls_on_a_small_repeated_batch(synthct, tmp_path):
     captions = json.loads((synthct / "m3d_cap.json").read_text())
     small = tmp_path / "four.json"

@@ -55,6 +55,22 @@ def test_released_initialisation_and_the_distributed_loss_option():
         Med3DCLIPConfig(siglip_init="clip")
 
 
+def test_text_pooling_first_token_or_mean_over_attended_tokens():
+    inputs = batch()
+    cls_model, mean_model = tiny_clip(), tiny_clip(text_pooling="mean")
+    hidden = cls_model.text_tower(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+    mask = inputs["attention_mask"].unsqueeze(-1).float()
+    mean = (hidden * mask).sum(1) / mask.sum(1)  # padding (the shorter texts) left out
+    with torch.no_grad():
+        expected_mean = F.normalize(mean_model.text_projection(mean), dim=-1)
+        expected_cls = F.normalize(cls_model.text_projection(hidden[:, 0]), dim=-1)
+        torch.testing.assert_close(mean_model.encode_text(inputs["input_ids"], inputs["attention_mask"]), expected_mean)
+        torch.testing.assert_close(cls_model.encode_text(inputs["input_ids"], inputs["attention_mask"]), expected_cls)
+    assert not torch.allclose(expected_mean, expected_cls)
+    with pytest.raises(ValueError, match="text_pooling must be one of"):
+        tiny_clip(text_pooling="max")
+
+
 def test_encoders_match_forward_and_backward_reaches_both_towers():
     model = tiny_clip().train()
     inputs = batch()

@@ -1,7 +1,7 @@
 """Med3DVLM's stage 1: a SigLIP dual encoder between a 3D image encoder and a BERT-family text encoder.
 
     image: encoder's last stage map -> mean over voxels -> Linear -> L2-normalise
-    text : text encoder's first-token feature ([CLS])  -> Linear -> L2-normalise
+    text : text encoder's first-token feature ([CLS]; or the mean over tokens) -> Linear -> L2-normalise
     loss : the fused SigLIP loss, -(1/B) sum_ij log sigmoid(z_ij (exp(t') <x_i, y_j> + b))
 """
 from __future__ import annotations
@@ -20,11 +20,12 @@ from dcformer_kernels import SigLIPLoss
 from .common import Med3DPreTrainedModel, init_with_text_config, pretrained_part, text_sub_config
 from .vision import build_vision_tower, normalize_vision_config
 
-__all__ = ["Med3DCLIPConfig", "Med3DCLIPModel", "Med3DCLIPOutput", "SIGLIP_INITS"]
+__all__ = ["Med3DCLIPConfig", "Med3DCLIPModel", "Med3DCLIPOutput", "SIGLIP_INITS", "TEXT_POOLINGS"]
 
 # (t', b) at initialisation: the paper's, and the released code's (which trains from CLIP's
 # temperature 1/0.07 with no bias).
 SIGLIP_INITS = {"paper": (math.log(10.0), -10.0), "released": (math.log(1 / 0.07), 0.0)}
+TEXT_POOLINGS = ("cls", "mean")
 
 
 class Med3DCLIPConfig(PretrainedConfig):
@@ -39,15 +40,21 @@ class Med3DCLIPConfig(PretrainedConfig):
         siglip_init: "paper" (t' = log 10, b = -10) or "released" (t' = log(1/0.07), b = 0).
         loss_dist_impl: the SigLIP loss across processes: None (one process), "gather" or "ring"
             (``dcformer_kernels.SigLIPLoss``'s ``dist_impl``).
+        text_pooling: "cls" (the first token's feature, as the paper's BERT) or "mean" (the mean over
+            the attended tokens, as sentence-transformers models such as all-MiniLM-L6-v2 are trained).
     """
 
     model_type = "med3d_clip"
     sub_configs = {"text_config": AutoConfig}
 
     def __init__(self, vision_config: dict | None = None, text_config=None, projection_dim: int = 768,
-                 siglip_init: str = "paper", loss_dist_impl: str | None = None, **kwargs) -> None:
+                 siglip_init: str = "paper", loss_dist_impl: str | None = None, text_pooling: str = "cls",
+                 **kwargs) -> None:
         if siglip_init not in SIGLIP_INITS:
             raise ValueError(f"siglip_init must be one of {list(SIGLIP_INITS)}; got {siglip_init!r}")
+        if text_pooling not in TEXT_POOLINGS:
+            raise ValueError(f"text_pooling must be one of {TEXT_POOLINGS}; got {text_pooling!r}")
+        self.text_pooling = text_pooling
         self.vision_config = normalize_vision_config(vision_config)
         self.text_config = text_sub_config(text_config, "bert", "text_config")
         self.projection_dim = projection_dim
@@ -105,9 +112,15 @@ class Med3DCLIPModel(Med3DPreTrainedModel):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     normalize: bool = True, **text_kwargs) -> torch.Tensor:
-        """(B, L) token ids -> (B, projection_dim) embeddings from the first token's feature."""
+        """(B, L) token ids -> (B, projection_dim) embeddings from the first token's feature, or the
+        mean over the attended tokens (``config.text_pooling``)."""
         hidden = self.text_tower(input_ids=input_ids, attention_mask=attention_mask, **text_kwargs).last_hidden_state
-        embeds = self.text_projection(hidden[:, 0])
+        if self.config.text_pooling == "mean":
+            weights = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).unsqueeze(-1)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+        else:
+            pooled = hidden[:, 0]
+        embeds = self.text_projection(pooled)
         return F.normalize(embeds, dim=-1) if normalize else embeds
 
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,

@@ -18,9 +18,15 @@ from transformers.feature_extraction_utils import BatchFeature
 
 from ...data import VolumePreprocessor
 
-__all__ = ["Med3DVLMProcessor", "ensure_image_token"]
+__all__ = ["Med3DVLMProcessor", "ensure_image_token", "REPORT_PROMPTS"]
 
 DEFAULT_IMAGE_TOKEN = "<im_patch>"  # the released checkpoints' placeholder token
+# Report-generation prompts: training cycles through them, evaluation asks the first.
+REPORT_PROMPTS = (
+    "Write the radiology report for this CT scan.",
+    "Describe the findings of this CT volume.",
+    "What does this CT scan show? Give the findings and the impression.",
+)
 
 
 def ensure_image_token(tokenizer, image_token: str) -> int:
@@ -144,6 +150,15 @@ class Med3DVLMProcessor(ProcessorMixin):
         elif pixel_values is not None:
             data["pixel_values"] = pixel_values
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def report_prompt(self, index: int = 0) -> str:
+        """A report-generation prompt (``REPORT_PROMPTS[index]`` in turn). As in the released
+        formats, the image token comes directly before a caption prompt."""
+        return self.image_token + REPORT_PROMPTS[index % len(REPORT_PROMPTS)]
+
+    def question_prompt(self, question: str) -> str:
+        """A VQA prompt: the image token, a space, the question (with its choices when closed)."""
+        return f"{self.image_token} {question}"
 
     def prompt_ids(self, text: str) -> list[int]:
         """Token ids of one prompt: the chat template's user turn + generation prompt, or the text
