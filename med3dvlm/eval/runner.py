@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..data import CTRATEDataset, M3DCapDataset, M3DVQADataset, VolumePreprocessor, collate_volumes
 from .generation import Decoding, generate_answers
-from .metrics import caption_scores, caption_scores_per_sample
+from .metrics import caption_scores, caption_scores_per_sample, macro_average
 from .retrieval import retrieval_recall
 from .vqa import prior_answers, vqa_scores
 from .zeroshot import detection_scores, zeroshot_probabilities, zeroshot_prompts
@@ -272,18 +272,18 @@ def _zeroshot_markdown(result: EvalResult) -> list[str]:
 
 def copy_baseline(train_reports: list[str], references: list[str], candidates: int = BASELINE_CANDIDATES):
     """The copy baseline: of the first ``candidates`` training reports, the one with the highest mean
-    METEOR against the others (the most typical report), given as the answer for every reference.
-    Returns (that report, its caption_scores against ``references``)."""
+    METEOR (ROUGE-L without WordNet) against the others (the most typical report), given as the
+    answer for every reference. Returns (that report, its caption_scores against ``references``)."""
     pool = train_reports[:candidates]
     if len(pool) < 2:
         raise EvalUsageError("the copy baseline needs at least 2 training reports")
     best, best_score = pool[0], -1.0
     for i, candidate in enumerate(pool):
         others = pool[:i] + pool[i + 1:]
-        score = caption_scores_per_sample([candidate] * len(others), others)["meteor"]
-        mean = sum(score) / len(score) if score and score[0] is not None else 0.0
-        if mean > best_score:
-            best, best_score = candidate, mean
+        means = macro_average(caption_scores_per_sample([candidate] * len(others), others))
+        score = means["meteor"] if means["meteor"] is not None else means["rougeL"]
+        if score > best_score:
+            best, best_score = candidate, score
     return best, caption_scores([best] * len(references), references)
 
 
@@ -318,7 +318,7 @@ def evaluate_report(model_dir, data, split: str = "test", num_items: int | None 
                                         decoding, batch_index=index)
         references += batch["text"]
     per_sample = caption_scores_per_sample(predictions, references)
-    metrics = caption_scores(predictions, references)
+    metrics = macro_average(per_sample)
     reference, notes = {}, []
     if train_reports:
         report, scores = copy_baseline(train_reports, references)
