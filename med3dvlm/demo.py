@@ -150,11 +150,14 @@ def machine_line() -> str:
     return f"{cpu}, {cores} usable cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}"
 
 
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
 def write_results(path: Path, scale_name: str, pipeline: Pipeline, results: dict, checks: list[dict]) -> None:
     from med3dvlm.eval.runner import EvalResult
 
     total = sum(step["seconds"] for step in pipeline.steps)
-    fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
     lines = ["# Med3DVLM demo results", "",
              f"Scale `{scale_name}` ({pipeline.scale.cases} SynthCT cases at "
              f"{'x'.join(map(str, pipeline.scale.volume_size))} voxels), written by `python -m med3dvlm.demo "
@@ -165,7 +168,7 @@ def write_results(path: Path, scale_name: str, pipeline: Pipeline, results: dict
                   "mean nothing.**", ""]
     lines += ["## Learning checks", "",
               "| check | value | bar | cleared |", "|---|---|---|---|",
-              *(f"| {c['check']} | {fmt(c['value'])} | {fmt(c['bar'])} = {c['bar_text']} | "
+              *(f"| {c['check']} | {_percent(c['value'])} | {_percent(c['bar'])} = {c['bar_text']} | "
                 f"{'yes' if c['passed'] else '**no**'} |" for c in checks), "",
               "## Steps", "", "| step | command | time |", "|---|---|---|",
               *(f"| {s['step']} | `{s['command']}` | {s['seconds']:.0f} s |" for s in pipeline.steps), ""]
