@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["synth"]:  # its own parser, so `med3dvlm synth --help` shows its options
         from med3dvlm.data.synth import main as synth_main
 
-        return synth_main(argv[1:]) or 0
+        return synth_main(argv[1:], prog="med3dvlm synth") or 0
     parser = build_parser()
     if argv[:1] == ["eval"]:
         from med3dvlm.eval.runner import EvalUsageError

@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
@@ -15,7 +16,9 @@ pytest.importorskip("monai")
 from med3dvlm.data import (CTRATEDataset, M3DCapDataset, M3DVQADataset, VolumePreprocessor,  # noqa: E402
                            load_volume)
 from med3dvlm.data.synth import LABELS, SPLITS, generate, main, make_phantom, split_of  # noqa: E402
+from med3dvlm.data.synth import write_questions, write_report  # noqa: E402
 from med3dvlm.data.synth.phantom import PLANE_AXIS  # noqa: E402
+from med3dvlm.data.synth.text import QUESTION_TYPES  # noqa: E402
 
 SEED = 0
 SIZE = (48, 96, 96)  # 5.3 x 4 x 4 mm voxels; seed 0's first 12 cases hold every finding kind
@@ -139,6 +142,30 @@ def test_reports_name_the_findings(dataset):
         assert sum(case["labels"].values()) == len(case["findings"])
 
 
+def test_no_question_gives_its_answer_away():
+    """An image-blind reader of the questions must not beat guessing by much: no question text fixes
+    its answer, and an organ question always offers another organ where that finding's look occurs."""
+    answers, offered = defaultdict(Counter), defaultdict(set)
+    organ_questions = []
+    for index in range(300):
+        phantom = make_phantom(SEED, index, (16, 16, 16))
+        write_report(phantom, rng := np.random.default_rng([SEED, index, 1]))  # the writer's draw order
+        for q in write_questions(phantom, rng):
+            answers[q["question"]][q["answer"]] += 1
+            if q["question_type"] == QUESTION_TYPES["organ"]:
+                organ_questions.append(q)
+    for text, counts in answers.items():
+        n = sum(counts.values())
+        if n >= 20:
+            answer, most = counts.most_common(1)[0]
+            assert most / n < 0.7, (text, counts)  # the plane question's 60 % axial is the largest prior
+    for q in organ_questions:
+        offered[q["question"]].add(q["answer"])
+    assert len(offered) >= 3 and all(len(a) >= 2 for a in offered.values()), offered
+    for q in organ_questions:  # at least two choices are places where this look is ever the answer
+        assert len(set(q["choices"]) & offered[q["question"]]) >= 2, q
+
+
 def test_findings_are_in_the_voxels(dataset):
     """Each finding's HU at its stated position, read back through the loader: lesion density against
     its organ, nodules and effusions against lung, calcium, and the stated side (W runs from the
@@ -193,6 +220,12 @@ def test_command_line(tmp_path, capsys):
     assert M3DVQADataset(tmp_path / "cli" / "m3d_vqa_train.csv", preprocessor=TINY)[0]["report"] is None
     run = subprocess.run([sys.executable, "-m", "med3dvlm.data.synth", "--help"], capture_output=True, text=True)
     assert run.returncode == 0 and "--size D H W" in run.stdout
+    assert run.stdout.startswith("usage: python -m med3dvlm.data.synth ")
+    from med3dvlm.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as done:  # the package command names itself, not the module
+        cli_main(["synth", "--help"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("usage: med3dvlm synth ")
 
 
 def test_bad_arguments(tmp_path):

@@ -122,10 +122,12 @@ def write_report(phantom: Phantom, rng: np.random.Generator) -> tuple[str, str, 
 
 # ---- questions ------------------------------------------------------------------------------------
 
-def _choices(rng: np.random.Generator, answer: str, options) -> tuple[list[str], str]:
-    """Four shuffled choices: the answer and three other ``options``; returns (choices, letter)."""
-    others = [o for o in dict.fromkeys(options) if o != answer]
-    picked = [others[i] for i in rng.permutation(len(others))[:3]]
+def _choices(rng: np.random.Generator, answer: str, options, required=()) -> tuple[list[str], str]:
+    """Four shuffled choices: the answer, the ``required`` distractors and more of ``options`` up to
+    three; returns (choices, letter)."""
+    required = [o for o in dict.fromkeys(required) if o != answer]
+    others = [o for o in dict.fromkeys(options) if o != answer and o not in required]
+    picked = required + [others[i] for i in rng.permutation(len(others))[:3 - len(required)]]
     if len(picked) < 3:
         raise ValueError(f"need three distractors for {answer!r}; got {picked}")
     choices = [answer, *picked]
@@ -133,8 +135,8 @@ def _choices(rng: np.random.Generator, answer: str, options) -> tuple[list[str],
     return choices, "ABCD"[choices.index(answer)]
 
 
-def _question(kind: str, text: str, answer: str, options, rng: np.random.Generator) -> dict:
-    choices, letter = _choices(rng, answer, options)
+def _question(kind: str, text: str, answer: str, options, rng: np.random.Generator, required=()) -> dict:
+    choices, letter = _choices(rng, answer, options, required)
     return {"question_type": QUESTION_TYPES[kind], "question": text, "choices": choices, "answer": answer,
             "answer_choice": letter}
 
@@ -142,14 +144,17 @@ def _question(kind: str, text: str, answer: str, options, rng: np.random.Generat
 _ORGAN_OF = {"Lung nodule": "lung", "Liver lesion": "liver", "Kidney lesion": "kidney",
              "Kidney stone": "kidney", "Aortic calcification": "aorta", "Cardiomegaly": "heart",
              "Pleural effusion": "pleural space", "Ascites": "peritoneal cavity"}
-_ORGAN_QUESTION = {"Lung nodule": "Which organ contains the nodule?",
-                   "Liver lesion": "In which organ is the {density} lesion located?",
-                   "Kidney lesion": "Which organ contains the {density} lesion?",
-                   "Kidney stone": "Where is the calculus located?",
-                   "Aortic calcification": "Which structure shows wall calcification?",
-                   "Cardiomegaly": "Which organ is enlarged?",
-                   "Pleural effusion": "Where is the fluid collection in the chest?",
-                   "Ascites": "Where is the fluid collection in the abdomen?"}
+# Organ questions name what a finding looks like, never its kind, and each look is shared by findings in
+# different organs: a question whose text alone fixed its answer ("Where is the calculus located?" is
+# always the kidney) would be answered without the image. A question is asked only when one finding
+# has that look, so its answer is the one organ showing it. Cardiomegaly is the only enlargement, so it
+# gets no organ question.
+_ORGAN_QUESTION_OF = {"Lung nodule": "focal lesion", "Liver lesion": "focal lesion", "Kidney lesion": "focal lesion",
+                      "Kidney stone": "calcification", "Aortic calcification": "calcification",
+                      "Pleural effusion": "fluid collection", "Ascites": "fluid collection"}
+_ORGAN_QUESTION = {"focal lesion": ("Which organ contains the focal lesion?", "Where is the focal lesion?"),
+                   "calcification": ("Where is the calcification?", "Which structure contains the calcification?"),
+                   "fluid collection": ("Where is the fluid collection?", "Which space holds the fluid collection?")}
 _ORGAN_OPTIONS = ("liver", "kidney", "lung", "spleen", "heart", "aorta", "pleural space",
                   "peritoneal cavity", "pericardium", "gallbladder")
 _LOCATION_OPTIONS = {
@@ -171,7 +176,8 @@ _NAME = {"Lung nodule": "lung nodule", "Liver lesion": "liver lesion", "Kidney l
 
 def write_questions(phantom: Phantom, rng: np.random.Generator) -> list[dict]:
     """Closed four-choice questions (with their open form) about ``phantom``: plane, phase, one
-    abnormality question, and per finding its organ, location, size and density where they apply."""
+    abnormality question, and per finding its organ (when no other finding looks alike), location,
+    size and density where they apply."""
     questions = [
         _question("plane", _pick(rng, ("In which plane was this CT acquired?",
                                        "What is the acquisition plane of this scan?")),
@@ -182,20 +188,20 @@ def write_questions(phantom: Phantom, rng: np.random.Generator) -> list[dict]:
     ]
     present = [f.kind for f in phantom.findings]
     absent = [kind.lower() for kind in LABELS if kind not in present]
+    text = _pick(rng, ("Which abnormality is present in this scan?", "What abnormality is seen?"))
     if phantom.findings:
         shown = phantom.findings[int(rng.integers(len(phantom.findings)))]
-        questions.append(_question("abnormality", _pick(rng, ("Which abnormality is present in this scan?",
-                                                              "What abnormality is seen?")),
-                                   shown.kind.lower(), absent + ["no abnormality"], rng))
+        questions.append(_question("abnormality", text, shown.kind.lower(), absent + ["no abnormality"], rng))
     else:
-        questions.append(_question("abnormality", "Which abnormality is present in this scan?",
-                                   "no abnormality", absent, rng))
+        questions.append(_question("abnormality", text, "no abnormality", absent, rng))
+    looks = [_ORGAN_QUESTION_OF.get(kind) for kind in present]
     for f in phantom.findings:
-        density = _DENSITY_WORDS[f.density][0] if f.density in _DENSITY_WORDS else ""
-        # another finding's organ is no distractor: "which organ holds the hypodense lesion" may fit both
-        others = {_ORGAN_OF[kind] for kind in present if kind != f.kind}
-        questions.append(_question("organ", _ORGAN_QUESTION[f.kind].format(density=density),
-                                   _ORGAN_OF[f.kind], [o for o in _ORGAN_OPTIONS if o not in others], rng))
+        look = _ORGAN_QUESTION_OF.get(f.kind)
+        if look is not None and looks.count(look) == 1:  # two findings that look alike: no single answer
+            # the other organs where this look occurs are always offered, so the choices give nothing away
+            alike = [_ORGAN_OF[kind] for kind, other in _ORGAN_QUESTION_OF.items() if other == look]
+            questions.append(_question("organ", _pick(rng, _ORGAN_QUESTION[look]), _ORGAN_OF[f.kind],
+                                       _ORGAN_OPTIONS, rng, required=alike))
         if f.kind in _LOCATION_OPTIONS:
             questions.append(_question("location", f"Where is the {_NAME[f.kind]} located?", f.location,
                                        _LOCATION_OPTIONS[f.kind], rng))

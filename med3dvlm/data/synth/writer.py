@@ -163,8 +163,9 @@ def _write_tables(out: Path, cases: list[dict], vqa_text: bool) -> None:
                 writer.writerow([Path(c["volume"]).name, *(c["labels"][label] for label in LABELS)])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m med3dvlm.data.synth",
+def main(argv: Sequence[str] | None = None, prog: str = "python -m med3dvlm.data.synth") -> int:
+    """The SynthCT command; ``prog`` is the name its usage line shows."""
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Write the SynthCT data set (CT-like volumes with reports, "
                                                  "VQA and labels) in the M3D-Cap / M3D-VQA / CT-RATE formats.")
     parser.add_argument("--out", required=True, help="output folder (created)")
