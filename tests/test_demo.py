@@ -62,3 +62,32 @@ def test_quick_demo_runs_every_step(tmp_path):
         assert f"| {step} | `med3dvlm " in text, step
     assert "**Volume 0**" in text and "copy baseline" in text
     assert (tmp_path / "run" / "finetune" / "model" / "config.json").is_file()
+
+
+def test_every_scale_gives_each_stage_a_valid_config(tmp_path):
+    """The scales' overrides name real keys with usable values: the `gpu` scale has not run yet, so a
+    typo there must fail here, not after a GPU has been lent. (One test for all scales: a test whose
+    id says gpu would be skipped without CUDA.)"""
+    from med3dvlm.train.clip import ClipStageConfig, check as check_clip
+    from med3dvlm.train.config import load_config
+    from med3dvlm.train.runner import check_training, find_config
+    from med3dvlm.train.vlm import VLMStageConfig, check_stage
+
+    for name in ("m3d_cap.json", "m3d_vqa_train.csv", "clip", "projector"):
+        (tmp_path / name).touch()
+    paths = {"clip": [f"data.path={tmp_path / 'm3d_cap.json'}"],
+             "projector": [f"model.vision_from={tmp_path / 'clip'}", f"data.captions={tmp_path / 'm3d_cap.json'}"],
+             "finetune": [f"model.start_from={tmp_path / 'projector'}", f"data.captions={tmp_path / 'm3d_cap.json'}",
+                          f"data.vqa={tmp_path / 'm3d_vqa_train.csv'}"]}
+    stages = (("clip", ClipStageConfig, check_clip), ("projector", VLMStageConfig, check_stage("projector")),
+              ("finetune", VLMStageConfig, check_stage("finetune")))
+    for scale in demo.SCALES.values():
+        assert set(scale.stage_overrides) <= set(paths)
+        for stage, config_class, check in stages:
+            overrides = [*paths[stage], *scale.stage_overrides.get(stage, [])]
+            config = load_config(config_class, find_config(f"demo/{stage}"), overrides)
+            check_training(config.training)
+            check(config)
+    gpu_clip = load_config(ClipStageConfig, find_config("demo/clip"),
+                           [*paths["clip"], *demo.SCALES["gpu"].stage_overrides["clip"]])
+    assert gpu_clip.training.bf16 and gpu_clip.model.train_text_tower and list(gpu_clip.model.image_size) == [64, 128, 128]
